@@ -129,6 +129,26 @@ def run_eval(cfg: RunConfig, models: StepModels, shard, device, pad_id: int, mod
     return MetricWindow.reduce_global(sums) if sums else {}
 
 
+def _register_worker(job: dict[str, Any], rank: int, state: ckpt.TrainState) -> None:
+    """Write ``<stage>/workers/rank<r>.json`` (pid, node, attempt): where each live worker runs, for operators
+    (``py-spy dump --pid``) and for the fault-injection test, which kills exactly this run's rank 0."""
+    import os
+    import socket
+
+    folder = Path(job["metrics_path"]).parent / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "attempt": state.restarts,
+        "started_at": time.time(),
+    }
+    tmp = folder / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / f"rank{rank}.json")
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see module docstring)."""
     import ray.train
@@ -146,6 +166,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         log.info("attribution pass: %s", "shared forward" if models.shared_attribution else "separate forward")
     state = ckpt.restore(engine, rank)
+    _register_worker(job, rank, state)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if job.get("has_eval") else None
