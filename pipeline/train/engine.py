@@ -81,6 +81,26 @@ def init_engine(cfg: TrainConfig, model: torch.nn.Module, *, total_steps: int, l
     return engine
 
 
+def step(engine) -> float | None:
+    """``engine.step()``; returns the step's global gradient norm (pre-clipping) at an accumulation boundary,
+    else None.
+
+    DeepSpeed keeps that norm for ZeRO 1-3 and mixed precision; plain ZeRO-0 fp32 clips without keeping it, so
+    there it is computed here from the all-reduced gradients before the step.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    own = None
+    plain = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+    if boundary and plain:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        own = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    if not boundary:
+        return None
+    norm = engine.get_global_grad_norm()
+    return own if norm is None else float(norm)
+
+
 def wrap_reference(cfg: TrainConfig, reference: torch.nn.Module):
     """A frozen reference: under ZeRO-3 it is partitioned by an inference-only engine (as TRL does), else it is
     a plain module in eval mode on each worker."""
@@ -98,17 +118,56 @@ def wrap_reference(cfg: TrainConfig, reference: torch.nn.Module):
 
 
 def export_model(engine, tokenizer, out_dir: str | Path, *, rank: int, zero_stage: int, merge_lora: bool) -> None:
-    """Write ``out_dir`` in HF format (safetensors + config + tokenizer). Collective under ZeRO-3."""
+    """Write ``out_dir`` in HF format (safetensors + config + tokenizer). Collective under ZeRO-3.
+
+    A LoRA policy is written merged into its base weights when ``merge_lora`` (a plain HF model any loader
+    reads), else as a peft adapter folder.
+    """
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if rank != 0:
         return
     model = engine.module
-    if hasattr(model, "merge_and_unload") and merge_lora:
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload() if state_dict is None else model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model, state_dict = merged_lora_copy(model, state_dict), None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
     log.info("exported model to %s", out)
+
+
+def merged_lora_copy(peft_model, state_dict: dict[str, torch.Tensor] | None = None):
+    """A copy of a peft LoRA model with the adapters merged into the base weights (the live model is untouched).
+
+    Under ZeRO-3 the live parameters are partitioned placeholders, so the copy is rebuilt from the base model's
+    config and ``state_dict`` (the engine's consolidated one, with the peft key names) is loaded into it.
+    """
+    import copy
+
+    if state_dict is None:
+        return copy.deepcopy(peft_model).merge_and_unload()
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = peft_model.active_adapter
+    base = AutoModelForCausalLM.from_config(copy.deepcopy(peft_model.get_base_model().config))
+    fresh = get_peft_model(base, copy.deepcopy(peft_model.peft_config[adapter]), adapter_name=adapter)
+    result = fresh.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k not in _tied_keys(fresh)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the ZeRO-3 state dict does not fit the rebuilt LoRA model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    dtype = next(iter(state_dict.values())).dtype
+    return fresh.merge_and_unload().to(dtype)
+
+
+def _tied_keys(model) -> set[str]:
+    """Parameter names that share storage with an earlier one (a consolidated state dict may list them once)."""
+    seen, tied = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied

@@ -22,6 +22,7 @@ from pipeline.batching import collate_pairs, rows_from_columns
 from pipeline.config import RunConfig, from_dict
 from pipeline.train import state as ckpt
 from pipeline.train.engine import export_model, init_engine, wrap_reference
+from pipeline.train.engine import step as optimizer_step
 from pipeline.train.metrics import MetricWindow, peak_memory_mb
 from pipeline.train.step import StepModels, eval_step, preference_step, sft_step
 from tidpo import metric_sums
@@ -188,11 +189,11 @@ def train_loop(config: dict[str, Any]) -> None:
             window.add(sums, num_tokens=int(batch["pair"]["attention_mask"].sum()))
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
-            engine.step()
+            grad_norm = optimizer_step(engine)
             if not boundary:
                 continue
             step = engine.global_steps
-            metrics = window.flush(engine, state) if step % cfg.train.log_every == 0 else None
+            metrics = window.flush(engine, state, grad_norm) if step % cfg.train.log_every == 0 else None
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 metrics = {
                     **(metrics or {}),

@@ -251,7 +251,7 @@ def _equivalence_worker(config):
         max_grad_norm=1e9,
     )
     engine = init_engine(cfg, build_model(ModelConfig(), 260, seed=0), total_steps=10, lr=1e-2)
-    losses = []
+    losses, grad_norms = [], []
     for rows in config["batches"]:
         part = rows[rank * len(rows) // world : (rank + 1) * len(rows) // world]
         obj = preference_step(
@@ -259,17 +259,20 @@ def _equivalence_worker(config):
         )
         engine.backward(obj.loss)
         engine.step()
+        grad_norms.append(float(engine.get_global_grad_norm()))
         loss = obj.loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
     params = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
     ray.train.report({"losses": losses, "param_sum": float(params.sum()), "param_norm": float(params.norm())})
     if rank == 0:
-        Path(config["out"]).write_text(json.dumps({"losses": losses, "params": params.tolist()}))
+        record = {"losses": losses, "grad_norms": grad_norms, "params": params.tolist()}
+        Path(config["out"]).write_text(json.dumps(record))
 
 
 def test_two_workers_match_one_worker(tmp_path, ray_cluster):
-    """(2 workers x micro 4) == (1 worker x micro 8): same global losses and parameters after 2 steps."""
+    """(2 workers x micro 4) == (1 worker x micro 8): same global losses, gradient norms (DeepSpeed's, over the
+    averaged gradient) and parameters after 2 steps."""
     import ray.train
     from ray import cloudpickle
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -290,4 +293,6 @@ def test_two_workers_match_one_worker(tmp_path, ray_cluster):
         ).fit()
         results[world] = json.loads(out.read_text())
     assert_close(torch.tensor(results[2]["losses"]), torch.tensor(results[1]["losses"]), atol=1e-5, rtol=0)
+    assert min(results[1]["grad_norms"]) > 0
+    assert_close(torch.tensor(results[2]["grad_norms"]), torch.tensor(results[1]["grad_norms"]), atol=1e-5, rtol=1e-4)
     assert_close(torch.tensor(results[2]["params"]), torch.tensor(results[1]["params"]), atol=1e-4, rtol=1e-3)
