@@ -18,6 +18,7 @@ def write_eval_split(out: Path, n: int = 6) -> None:
     """A prepared eval split in the issue-3 schema: synthetic ``sort`` pairs, the built-in byte tokenizer,
     prompt = BOS + the prompt's bytes + "\\n", responses end with EOS (2)."""
     from evaluation.synthetic import generate_pairs
+    from pipeline.data.rows import PAIR_SCHEMA
     from pipeline.models import byte_tokenizer
 
     tok = byte_tokenizer()
@@ -33,6 +34,8 @@ def write_eval_split(out: Path, n: int = 6) -> None:
         rows.append(
             {
                 "row_id": f"r{i}",
+                "source": "synthetic:sort",
+                "index": i,
                 "prompt_ids": prompt_ids,
                 "chosen_ids": chosen,
                 "rejected_ids": rejected,
@@ -45,24 +48,8 @@ def write_eval_split(out: Path, n: int = 6) -> None:
                 "messages_json": json.dumps([{"role": "user", "content": pair["prompt"]}]),
             }
         )
-    ids = pa.list_(pa.int32())
-    schema = pa.schema(
-        [
-            ("row_id", pa.string()),
-            ("prompt_ids", ids),
-            ("chosen_ids", ids),
-            ("rejected_ids", ids),
-            ("prompt_len", pa.int32()),
-            ("chosen_len", pa.int32()),
-            ("rejected_len", pa.int32()),
-            ("prompt_text", pa.string()),
-            ("chosen_text", pa.string()),
-            ("rejected_text", pa.string()),
-            ("messages_json", pa.string()),
-        ]
-    )
     (out / "data" / "eval").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "data" / "eval" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), out / "data" / "eval" / "part-0.parquet")
 
 
 def tiny_cfg(out: Path, **sections):
