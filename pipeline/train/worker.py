@@ -171,7 +171,7 @@ def train_loop(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if job.get("has_eval") else None
-    tracker = _Tracker(job, rank)
+    tracker = _Tracker(job, rank, cfg.train.report_interval_s)
     window = MetricWindow()
     engine.train()
     while engine.global_steps < job["max_steps"]:
@@ -216,8 +216,9 @@ def train_loop(config: dict[str, Any]) -> None:
 class _Tracker:
     """Rank 0 writes metrics.jsonl and MLflow; every rank calls ``ray.train.report`` (with checkpoints)."""
 
-    def __init__(self, job: dict[str, Any], rank: int):
-        self.rank, self.job = rank, job
+    def __init__(self, job: dict[str, Any], rank: int, report_interval_s: float):
+        self.rank, self.job, self.report_interval_s = rank, job, report_interval_s
+        self.last_report = time.time()
         self.path = Path(job["metrics_path"])
         self.mlflow = None
         self.start = time.time()
@@ -236,11 +237,21 @@ class _Tracker:
         if self.rank == 0:
             self._log(step, metrics)
         if engine is None:
-            if any(k.startswith("eval/") for k in metrics):  # Ray sees eval steps (Tune's schedulers need them)
+            # eval steps always (Tune's schedulers need them); other logged steps when the interval has passed
+            # on any rank (one all-reduce, so every rank takes the same decision: report is collective)
+            if self._report_due() or any(k.startswith("eval/") for k in metrics):
                 ray.train.report(metrics)
+                self.last_report = time.time()
             return
         with ckpt.saved(engine, state, self.rank) as checkpoint:
             ray.train.report(metrics, checkpoint=checkpoint)
+        self.last_report = time.time()
+
+    def _report_due(self) -> bool:
+        due = torch.tensor([float(time.time() - self.last_report >= self.report_interval_s)])
+        if dist.is_initialized():
+            dist.all_reduce(due, op=dist.ReduceOp.MAX)
+        return bool(due.item())
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

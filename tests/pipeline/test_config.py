@@ -73,6 +73,9 @@ def test_ints_become_floats_and_bools_stay_strict():
         load_config(None, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="train.use_gpu: expected true/false"):
         load_config(None, ["train.use_gpu=1"])
+    assert load_config(None, ["train.report_interval_s=0"]).train.report_interval_s == 0.0
+    with pytest.raises(ConfigError, match="train.report_interval_s must be >= 0, got -1.0"):
+        load_config(None, ["train.report_interval_s=-1"])
 
 
 def test_replace_and_flatten():

@@ -94,6 +94,53 @@ def _stage_folder(prepared: Path, name: str) -> Path:
     return out
 
 
+def test_every_logged_step_reaches_ray_all_reduced(prepared):
+    """With report_interval_s=0 every logged step goes to ray.train.report; both workers report the same
+    all-reduced metrics, including DeepSpeed ZeRO-0's gradient norm, which we compute ourselves."""
+    from ray import cloudpickle
+    from ray.train import UserCallback
+
+    from pipeline.train.inputs import build_job
+    from pipeline.train.trainer import run_training
+
+    class RecordReports(UserCallback):
+        """Runs in Ray Train's controller: appends each report's per-worker metrics to a file."""
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"workers": metrics, "checkpoint": checkpoint is not None}) + "\n")
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = _stage_folder(prepared, "reports")
+    cfg = tiny_cfg(
+        prepared,
+        "loss.preset=dpo",
+        "train.max_steps=5",
+        "train.zero_stage=0",
+        "train.save_every=3",
+        "train.report_interval_s=0",
+        "tracking.enabled=false",
+        f"output_dir={out}",
+    )
+    record = out / "reports.jsonl"
+    callback = RecordReports(str(record))
+    job = build_job(cfg, stage_dir=out / "train", init_model="tiny")
+    run_training(cfg, job, force=True, callbacks=[callback], progress=False)
+    reports = [json.loads(line) for line in record.read_text().splitlines()]
+    steps = [r["workers"][0]["step"] for r in reports]
+    assert steps == [1, 2, 3, 4, 5, 5]  # every step, then the final summary
+    assert [r["checkpoint"] for r in reports] == [False, False, True, False, False, False]
+    for r in reports[:-1]:
+        rank0, rank1 = r["workers"]
+        assert set(rank0) == set(rank1)
+        for key in ("loss", "rewards/accuracies", "grad_norm", "num_tokens"):
+            assert rank1[key] == rank0[key], key  # all-reduced: identical on both workers
+        assert rank0["grad_norm"] > 0
+
+
 # (ZeRO stage, preset): DPO under ZeRO-2 is test_dpo_two_workers_zero2_learns_and_exports above
 LEARNING_MATRIX = [(2, "paper"), (2, "official"), (3, "dpo"), (3, "paper"), (3, "official")]
 

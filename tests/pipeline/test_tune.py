@@ -166,7 +166,6 @@ def _wait_for(predicate, proc, timeout_s: float, what: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.expensive  # ~10 min on 2 cores: run with `pytest -m expensive`
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     """Kill the driver (a subprocess on the session's Ray) once trial 1 finished and trial 2 trains; --resume
     completes trial 2 and leaves trial 1's training untouched."""
