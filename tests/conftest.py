@@ -51,3 +51,15 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI (for subprocesses); a test that spawns a driver
+    must not inherit the store of whichever test ran before it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -188,6 +188,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, tm
         "tune.num_samples=2",
         "tune.scheduler=fifo",
         "tune.eval_every=3",
+        # explicit: the subprocess inherits os.environ, where an earlier test's mlflow.set_tracking_uri may have
+        # left MLFLOW_TRACKING_URI pointing at another store
+        f"tracking.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}",
     ]
     trials = out / "tune" / "trials"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
