@@ -48,16 +48,15 @@ class MetricWindow:
         reduced = reduce_sums({k: flat[i] for i, k in enumerate(keys)})
         return {k: float(v) for k, v in reduced.items() if k != "num_examples"}
 
-    def flush(self, engine, state, grad_norm: float | None = None) -> dict[str, float]:
+    def flush(self, engine, state, grad_norm: float | None) -> dict[str, float]:
         """Global metrics of the window, plus optimizer and throughput figures; resets the window.
 
-        ``grad_norm``: the last step's norm from ``pipeline.train.engine.step`` (DeepSpeed's own otherwise)."""
+        ``grad_norm``: the last step's norm, from ``pipeline.train.engine.step``."""
         sums = dict(self.sums)
         sums["count:num_tokens"] = torch.tensor(float(self.tokens))
         out = self.reduce_global(sums)
         elapsed = time.perf_counter() - self.last
         steps = max(1, engine.global_steps - getattr(self, "_last_step", 0))
-        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         out["learning_rate"] = float(engine.get_lr()[0])

@@ -182,7 +182,7 @@ def test_worker_killed_mid_run_is_survived(prepared):
     finishes at max_steps, with the restart and the resume step recorded and no step lost or repeated."""
     from pipeline.train.inputs import train
 
-    out = prepared / "kill"
+    out = _stage_folder(prepared, "kill")
     cfg = tiny_cfg(
         prepared,
         "loss.preset=paper",
@@ -192,9 +192,6 @@ def test_worker_killed_mid_run_is_survived(prepared):
         "train.max_failures=2",
         f"output_dir={out}",
     )
-    out.mkdir(exist_ok=True)
-    if not (out / "data").exists():
-        (out / "data").symlink_to(prepared / "data")
     killed = {}
 
     def killer():
