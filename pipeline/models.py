@@ -56,7 +56,9 @@ def byte_tokenizer():
 
 def build_tokenizer(cfg: ModelConfig):
     """The tokenizer of ``model.tokenizer`` (else ``model.name``), with a pad token and left padding."""
-    source = cfg.tokenizer or cfg.name
+    from pipeline.model_store import resolve_model_source
+
+    source = resolve_model_source(cfg.tokenizer or cfg.name)  # registry names and .gguf files -> HF folders
     if source == TINY:
         return byte_tokenizer()
     from transformers import AutoTokenizer
@@ -114,7 +116,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, name: str | None = None, s
 
     ``name`` overrides ``cfg.name`` (e.g. to load a checkpoint folder with the same settings).
     """
-    source = name or cfg.name
+    from pipeline.model_store import resolve_model_source
+
+    source = resolve_model_source(name or cfg.name)  # registry names and .gguf files -> HF folders
     if source == TINY:
         from transformers import LlamaForCausalLM
 
