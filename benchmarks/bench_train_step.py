@@ -110,7 +110,9 @@ def bench_size(name: str, *, repeats: int, steps: int, warmup: int, seed: int = 
     vocab, hidden, layers, heads, pairs, max_prompt, max_response = SIZES[name]
     model_cfg = ModelConfig(name="tiny", tiny_hidden_size=hidden, tiny_layers=layers, tiny_heads=heads)
     base = build_model(model_cfg, vocab, seed=seed).train()
-    batch = collate_pairs(make_rows(pairs, vocab, max_prompt, max_response, seed), pad_id=0, with_anchor=True)
+    batch = collate_pairs(
+        make_rows(pairs, vocab, max_prompt, max_response, seed), pad_id=0, with_anchor=True, with_reference=True
+    )
     runs = {}
     for key, (cfg, shared) in VARIANTS.items():
         model = copy.deepcopy(base)

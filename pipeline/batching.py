@@ -75,11 +75,15 @@ def pack_sequences(
     return out
 
 
-def collate_pairs(rows: Sequence[Mapping[str, Any]], pad_id: int, *, with_anchor: bool = False) -> dict[str, Any]:
+def collate_pairs(
+    rows: Sequence[Mapping[str, Any]], pad_id: int, *, with_anchor: bool = False, with_reference: bool = False
+) -> dict[str, Any]:
     """Rows -> one concatenated batch: the first B sequences are chosen, the next B rejected (one forward).
 
     Returns ``pair`` (``pack_sequences`` of the 2B sequences), ``num_pairs`` B, and with ``with_anchor`` an
-    ``anchor`` pack of prompt + ``anchor_ids``. Reference log-prob columns are used when every row has them.
+    ``anchor`` pack of prompt + ``anchor_ids``. ``with_reference``: the rows carry precomputed reference log-probs
+    (``ref_chosen_logps`` / ``ref_rejected_logps``, and ``ref_anchor_logps`` with anchors), which become the
+    packs' ``ref_token_logps``; a row without them raises naming the row. Without it such columns are ignored.
     """
     if not rows:
         raise ValueError("collate_pairs got an empty batch")
@@ -89,18 +93,30 @@ def collate_pairs(rows: Sequence[Mapping[str, Any]], pad_id: int, *, with_anchor
     for i, (c, rj) in enumerate(zip(chosen, rejected)):
         if not c or not rj or not prompts[i]:
             raise ValueError(f"row {rows[i].get('row_id', i)}: empty prompt or response")
-    has_ref = all(r.get("ref_chosen_logps") is not None for r in rows)
-    ref = [*(r["ref_chosen_logps"] for r in rows), *(r["ref_rejected_logps"] for r in rows)] if has_ref else None
+    ref = None
+    if with_reference:
+        columns = ("ref_chosen_logps", "ref_rejected_logps") + (("ref_anchor_logps",) if with_anchor else ())
+        _require(rows, columns)
+        ref = [*(r["ref_chosen_logps"] for r in rows), *(r["ref_rejected_logps"] for r in rows)]
     out: dict[str, Any] = {
         "pair": pack_sequences(prompts + prompts, chosen + rejected, pad_id, ref),
         "num_pairs": len(rows),
     }
     if with_anchor:
-        anchors = [_as_list(r.get("anchor_ids")) for r in rows]
-        has_anchor_ref = all(r.get("ref_anchor_logps") is not None for r in rows)
-        anchor_ref = [r["ref_anchor_logps"] for r in rows] if has_anchor_ref else None
+        _require(rows, ("anchor_ids",))
+        anchors = [_as_list(r["anchor_ids"]) for r in rows]
+        anchor_ref = [r["ref_anchor_logps"] for r in rows] if with_reference else None
         out["anchor"] = pack_sequences(prompts, anchors, pad_id, anchor_ref)
     return out
+
+
+def _require(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    for i, r in enumerate(rows):
+        missing = [c for c in columns if r.get(c) is None]
+        if missing:
+            raise ValueError(
+                f"row {r.get('row_id', i)}: no {', '.join(missing)} (the stage plan says the rows carry it)"
+            )
 
 
 def split_pair(t: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:

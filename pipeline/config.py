@@ -24,7 +24,7 @@ from pipeline.configlib import (  # noqa: F401  (re-exported: the config API liv
     to_dict,
     to_yaml,
 )
-from tidpo.config import PRESETS, LossConfig
+from tidpo.config import PRESETS, LossConfig, check_preset
 
 # The loss preset when a config names none: the embedded tiny run's (see tidpo.config.PRESETS).
 DEFAULT_PRESET = "paper_rpo"
@@ -100,6 +100,13 @@ class ModelConfig:
             raise ConfigError("model.reference=lora needs model.lora_r > 0")
 
 
+def check_resources(key: str, resources: dict[str, float]) -> None:
+    """Custom Ray resources: names to non-negative amounts; CPU and GPU have their own keys."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{key}.{name}: expected a custom resource name and an amount >= 0, got {amount!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
     """Anchor generation and evaluation sampling. ``engine``: auto (vLLM when it and a GPU exist), hf, vllm."""
@@ -111,7 +118,6 @@ class GenerationConfig:
     top_k: int = 50
     top_p: float = 0.95
     max_new_tokens: int = 64
-    n: int = 1
     seed: int = 0
     stop: tuple[str, ...] = ()
     sync: Literal["round", "steps"] = "round"
@@ -125,6 +131,21 @@ class GenerationConfig:
     max_staleness: int = 1
     # vLLM: skip CUDA-graph capture (required by the CPU build; faster start-up for short runs).
     enforce_eager: bool = False
+    # Extra Ray resources per generation actor (the Ray Data actor pool's ``resources``), e.g. a custom node
+    # resource to pin the actors to some nodes: {"gen_node": 0.01}. CPU / GPU come from cpus/gpus_per_engine.
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Step-level sync (generation one step ahead of the trainer) is not wired into training yet: its knobs
+        # would do nothing, so setting them is an error rather than silently ignored.
+        if self.sync != "round":
+            raise ConfigError("generation.sync=steps is not available yet (anchors sync per round); use round")
+        for name, default in (("sync_every", 10), ("max_staleness", 1)):
+            if getattr(self, name) != default:
+                raise ConfigError(f"generation.{name} only applies to generation.sync=steps (not available yet)")
+        if self.temperature < 0:
+            raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")
+        check_resources("generation.resources", self.resources)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +157,13 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    # Ray Train's placement group strategy for the workers (ScalingConfig.placement_strategy): PACK (as few
+    # nodes as fit), SPREAD (as many nodes as possible), STRICT_PACK (one node or wait), STRICT_SPREAD (one
+    # worker per node or wait).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Extra Ray resources per worker merged into CPU/GPU, e.g. {"train_node": 0.01} or {"accelerator_type:H100":
+    # 0.001}: workers only start on nodes that advertise them.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -187,6 +214,7 @@ class TrainConfig:
             raise ConfigError("train.bf16 needs train.use_gpu=true")
         if self.report_interval_s < 0:
             raise ConfigError(f"train.report_interval_s must be >= 0, got {self.report_interval_s}")
+        check_resources("train.resources_per_worker", self.resources_per_worker)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,11 +265,22 @@ class EvalConfig:
     mmlu_path: str | None = None
     heatmap_pairs: int = 4
     code_timeout_s: float = 5.0
+    # Sampling of the evaluation generations (diversity, judge, KL on samples): the eval protocol's own, so
+    # tuning the anchors' sampling (generation.*) does not change what is measured.
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
     # Pairs per forward in the preference pass; pairs (from the start of the eval split) whose TI-DPO weights are
     # computed for the weight diagnostics (attribution costs a backward, so only a few); rows per benchmark.
     batch_size: int = 16
     weight_diag_pairs: int = 32
     benchmark_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"eval.temperature must be > 0 (sampled evaluation generations), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,11 +329,25 @@ class RunConfig:
 
 
 def _apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """The loss section resolved: its preset's values, then the explicit keys on top.
+
+    From a YAML file or overrides every ``loss.*`` key given is explicit. A section that lists ``explicit``
+    (a resolved config written back by ``to_dict``) keeps only those keys' values, so a changed preset means
+    on this path exactly what it means everywhere else.
+    """
     loss = dict(raw.get("loss") or {})
-    preset = loss.get("preset", DEFAULT_PRESET)
-    if preset not in PRESETS:
-        raise ConfigError(f"loss.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return {**raw, "loss": {**PRESETS[preset], **loss, "preset": preset}}
+    preset = loss.pop("preset", DEFAULT_PRESET)
+    try:
+        check_preset(preset)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    explicit = loss.pop("explicit", None)
+    if explicit is None:
+        explicit = sorted(loss)
+    elif not isinstance(explicit, (list, tuple)) or not all(isinstance(k, str) for k in explicit):
+        raise ConfigError(f"loss.explicit: expected a list of loss keys, got {explicit!r}")
+    chosen = {k: loss[k] for k in explicit if k in loss}
+    return {**raw, "loss": {**PRESETS[preset], **chosen, "preset": preset, "explicit": sorted(chosen)}}
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -309,7 +362,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def replace(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """A new config with dotted-key overrides ``{"loss.lam": 0.3}`` applied and validated."""
+    """A new config with dotted-key overrides ``{"loss.lam": 0.3}`` applied and validated.
+
+    ``loss.preset`` resets the loss keys to the new preset's values, except those set explicitly (in the
+    config, or in ``overrides``); the result equals loading the config with these overrides on the command line.
+    """
     raw = to_dict(cfg)
     for dotted, value in overrides.items():
         node = raw
@@ -318,9 +375,11 @@ def replace(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             if key not in node or not isinstance(node[key], dict):
                 raise ConfigError(f"unknown config key: {dotted}")
             node = node[key]
-        if keys[-1] not in node:
+        if keys[-1] not in node or dotted == "loss.explicit":
             raise ConfigError(f"unknown config key: {dotted}")
         node[keys[-1]] = value
+        if keys[0] == "loss" and len(keys) == 2 and keys[1] != "preset":
+            raw["loss"]["explicit"] = sorted({*raw["loss"]["explicit"], keys[1]})
     return from_dict(raw)
 
 

@@ -11,7 +11,6 @@ MLflow when ``tracking.enabled``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from evaluation.diversity import diversity_metrics
 from evaluation.preference import implicit_reward_metrics, kl_metrics, pair_tensors, weight_diagnostics
 from evaluation.report import flatten, render_from_saved, token_pieces, write_report
 from pipeline.config import ConfigError, RunConfig, to_dict
-from pipeline.models import build_model, build_tokenizer, load_for_inference
+from pipeline.models import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +36,19 @@ BENCHMARKS = ("ifeval", "humaneval", "truthfulqa", "gsm8k", "mmlu")
 
 
 def resolve_paths(cfg: RunConfig, model_path: str | None = None) -> tuple[str, str]:
-    """(policy, reference). Policy: ``model_path``, else ``<out>/model``, else ``<out>/sft/model``, else the base
-    model. Reference: ``model.reference_name``, else ``<out>/sft/model`` when it exists, else the base model."""
-    out = Path(cfg.output_dir)
-    sft = out / "sft" / "model"
-    if model_path is not None:
-        if not Path(model_path).is_dir() and model_path != cfg.model.name:
-            raise FileNotFoundError(f"--model {model_path}: no such model folder")
-        policy = model_path
-    else:
-        policy = next((str(p) for p in (out / "model", out / "train" / "model", sft) if p.is_dir()), cfg.model.name)
-    reference = cfg.model.reference_name or (str(sft) if sft.is_dir() else cfg.model.name)
-    return policy, reference
+    """(policy, reference) from the evaluate stage's plan: ``model_path``, else the current policy
+    (:func:`pipeline.plan.latest_policy`); the reference is ``model.reference_name``, else the start model."""
+    from pipeline.plan import plan
+
+    if model_path is not None and not Path(model_path).is_dir() and model_path != cfg.model.name:
+        raise FileNotFoundError(f"--model {model_path}: no such model folder")
+    p = plan(cfg, "evaluate", model=model_path)
+    return p.init_model, p.reference.model
 
 
 def load_model(cfg: RunConfig, path: str):
-    """(model, tokenizer) in eval mode: the seeded base model when ``path`` is ``model.name``, else a folder."""
-    if path == cfg.model.name and not Path(path).is_dir():
-        tok = build_tokenizer(cfg.model)
-        model = build_model(cfg.model, len(tok), seed=cfg.seed)
-    else:
-        model, tok = load_for_inference(path, cfg.model)
-    return model.eval(), tok
+    """(model, tokenizer) in eval mode (:func:`pipeline.models.load_pretrained`, seeded like the workers)."""
+    return load_pretrained(cfg.model, path, seed=cfg.seed)
 
 
 def read_eval_split(output_dir: str | Path):
@@ -173,15 +163,15 @@ def generate(cfg: RunConfig, model, tok, prompts: list[list[int]], *, temperatur
 
     params = SamplingParams(
         temperature=temperature,
-        top_k=cfg.generation.top_k,
-        top_p=cfg.generation.top_p,
+        top_k=cfg.eval.top_k,
+        top_p=cfg.eval.top_p,
         max_new_tokens=cfg.eval.max_new_tokens,
         seed=seed,
         n=n,
     )
     out = []
-    for s in range(0, len(prompts), cfg.generation.batch_size):
-        out += sample_responses(model, tok, prompts[s : s + cfg.generation.batch_size], params)
+    for s in range(0, len(prompts), cfg.eval.batch_size):
+        out += sample_responses(model, tok, prompts[s : s + cfg.eval.batch_size], params)
     return out
 
 
@@ -194,11 +184,8 @@ def generation_section(cfg: RunConfig, policy, ref, tok, df, measures: set[str])
     """Judge scores (synthetic data only), diversity and KL of the policy's sampled responses."""
     sub = df.head(cfg.eval.num_prompts)
     prompts = _ids(sub["prompt_ids"])
-    if cfg.generation.temperature <= 0:
-        raise ConfigError("generation.temperature must be > 0 for the sampled evaluation generations")
-    sampled = generate(
-        cfg, policy, tok, prompts, temperature=cfg.generation.temperature, n=cfg.eval.num_samples, seed=cfg.seed
-    )
+    sampled = generate(cfg, policy, tok, prompts, temperature=cfg.eval.temperature, n=cfg.eval.num_samples,
+                       seed=cfg.seed)  # fmt: skip
     metrics: dict[str, Any] = {}
     if "synthetic" in measures:
         from evaluation.synthetic import judge
@@ -295,12 +282,19 @@ def check_measures(cfg: RunConfig) -> tuple[set[str], list[str]]:
 
 
 def fingerprint(cfg: RunConfig, policy: str, reference: str) -> str:
-    """Hash of what an evaluation depends on: eval/loss/model/generation config, seed, and file mtimes."""
-    dirs = [Path(d) for d in (policy, reference, Path(cfg.output_dir) / "data" / "eval") if Path(d).is_dir()]
-    files = [(str(p), p.stat().st_mtime_ns) for d in dirs for p in sorted(d.iterdir()) if p.is_file()]
-    state = {k: to_dict(getattr(cfg, k)) for k in ("eval", "loss", "model", "generation", "data")}
-    state |= {"seed": cfg.seed, "policy": policy, "reference": reference, "files": files}
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What an evaluation depends on: the eval/loss/model/data config, the seed, and the CONTENT of the policy,
+    the reference and the eval split (:mod:`pipeline.fingerprint`)."""
+    from pipeline.fingerprint import digest, folder_fingerprint, model_fingerprint
+
+    state = {k: to_dict(getattr(cfg, k)) for k in ("eval", "loss", "model", "data")}
+    eval_split = Path(cfg.output_dir) / "data" / "eval"
+    state |= {
+        "seed": cfg.seed,
+        "policy": model_fingerprint(policy, cfg.model, cfg.seed),
+        "reference": model_fingerprint(reference, cfg.model, cfg.seed),
+        "eval_split": folder_fingerprint(eval_split, (".parquet",)) if eval_split.is_dir() else None,
+    }
+    return digest(state)
 
 
 def evaluate(cfg: RunConfig, *, model_path: str | None = None, round_idx: int | None = None) -> dict[str, Any]:

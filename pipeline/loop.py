@@ -37,23 +37,20 @@ TABLE_KEYS = (
 
 
 def variant_config(cfg: RunConfig, name: str) -> RunConfig:
-    """The run config of one comparison variant (its own output folder, the same everything else)."""
+    """The run config of one comparison variant (its own output folder, the same everything else).
+
+    The base run's RPO term is kept, so every variant differs from the others only by its named switches.
+    """
+    from pipeline.config import replace
+
     if name not in VARIANTS:
         raise ConfigError(f"loop.compare: unknown variant {name!r}; choose from {sorted(VARIANTS)}")
-    overrides = dict(VARIANTS[name])
-    preset = overrides.pop("loss.preset")
-    # the base run's RPO term is kept so every variant differs from the others only by its named switches
-    raw_loss = {
-        "preset": preset,
-        "rpo_alpha": cfg.loss.rpo_alpha,
-        **{k.split(".", 1)[1]: v for k, v in overrides.items()},
+    overrides = {
+        **VARIANTS[name],
+        "loss.rpo_alpha": cfg.loss.rpo_alpha,
+        "output_dir": str(Path(cfg.output_dir) / "compare" / name),
     }
-    from pipeline.config import from_dict, to_dict
-
-    raw = to_dict(cfg)
-    raw["loss"] = raw_loss  # the preset fills the rest
-    raw["output_dir"] = str(Path(cfg.output_dir) / "compare" / name)
-    return from_dict(raw)
+    return replace(cfg, overrides)
 
 
 def _link(target: Path, link: Path) -> None:
@@ -67,43 +64,35 @@ def _link(target: Path, link: Path) -> None:
 
 def sft_warm_start(cfg: RunConfig, *, force: bool) -> str:
     """Supervised fine-tuning on the chosen responses; returns the model to start preference training from."""
+    from pipeline.plan import plan
     from pipeline.train.inputs import build_job
     from pipeline.train.trainer import run_training
 
     if cfg.train.sft_steps <= 0:
         return cfg.model.name
-    job = build_job(cfg, stage_dir=Path(cfg.output_dir) / "sft", init_model=cfg.model.name, mode="sft")
+    job = build_job(cfg, plan(cfg, "sft"))
     run_training(cfg, job, force=force)
     return str(job.model_dir)
 
 
 def run_rounds(cfg: RunConfig, start_model: str, *, force: bool) -> list[dict[str, Any]]:
-    """Evaluate the start, then each round: anchors from the latest policy, train from it, evaluate it."""
+    """Evaluate the start, then each round: anchors from the latest policy, train from it, evaluate it.
+
+    The plan of round k says it all: it starts from round k-1's export (round 1: the SFT model), its anchors come
+    from that policy, its reference is ``model.reference_name`` or the start model.
+    """
     from pipeline.evaluate import evaluate
-    from pipeline.train.inputs import anchors_path, build_job
+    from pipeline.plan import plan
+    from pipeline.train.inputs import build_job
     from pipeline.train.trainer import run_training
 
     out = Path(cfg.output_dir)
     rows = [{"round": 0, "stage": "start", **_pick(evaluate(cfg, model_path=start_model, round_idx=0))}]
-    policy = start_model
     for k in range(1, cfg.loop.rounds + 1):
-        anchors = None
-        if cfg.loss.uses_triplet and cfg.train.anchors == "column":
-            from pipeline.generation.stage import generate_anchors
-
-            generate_anchors(cfg, split="train", round_idx=k, model_path=policy, force=force)
-            anchors = anchors_path(cfg, k)
-        job = build_job(
-            cfg,
-            stage_dir=out / "rounds" / f"round-{k}",
-            init_model=policy,
-            anchors_dir=anchors,
-            ref_model=cfg.model.reference_name or start_model,
-        )
-        summary = run_training(cfg, job, force=force)
-        policy = str(job.model_dir)
-        _link(job.model_dir, out / "model")
-        metrics = evaluate(cfg, model_path=policy, round_idx=k)
+        p = plan(cfg, "round", round_idx=k)
+        summary = run_training(cfg, build_job(cfg, p, force=force), force=force)
+        _link(p.model_dir, out / "model")
+        metrics = evaluate(cfg, model_path=str(p.model_dir), round_idx=k)
         rows.append(
             {
                 "round": k,

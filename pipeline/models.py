@@ -7,6 +7,7 @@ same weights) with the built-in byte-level tokenizer: nothing is downloaded. Any
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -150,16 +151,16 @@ def save_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def load_for_inference(path: str | Path, cfg: ModelConfig):
-    """(model, tokenizer) from a saved folder, in eval mode."""
-    tok_cfg = ModelConfig(**{**_fields(cfg), "name": str(path), "tokenizer": str(path)})
+def load_pretrained(cfg: ModelConfig, name: str, *, seed: int):
+    """(model, tokenizer) in eval mode: the one loader of a policy or reference for inference and generation.
+
+    ``name``: a folder, a hub name or ``tiny`` (built from ``cfg`` with ``seed``, like the train workers). The
+    tokenizer is the folder's own when ``name`` is a folder other than ``model.name`` that holds one (an export
+    of this run), else the run's (``model.tokenizer`` or ``model.name``).
+    """
+    tok_cfg = cfg
+    if name != cfg.name and (Path(name) / "tokenizer_config.json").is_file():
+        tok_cfg = dataclasses.replace(cfg, tokenizer=str(name))
     tok = build_tokenizer(tok_cfg)
-    model = build_model(tok_cfg, len(tok))
-    model.eval()
-    return model, tok
-
-
-def _fields(cfg: ModelConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    model = build_model(cfg, len(tok), name=name, seed=seed)
+    return model.eval(), tok

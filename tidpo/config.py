@@ -91,28 +91,35 @@ class LossConfig:
         simpo_gamma: SimPO target reward margin.
         anchor_context: what the anchor is sampled from: the prompt, or the prompt plus a chosen prefix.
         anchor_prefix_tokens: length of that chosen prefix.
+        explicit: the names of the keys set explicitly on top of the preset (the config loader fills it in).
     """
 
     preset: str = "paper"
-    base_loss: BaseLoss = "dpo"
-    loss_type: LossType = "sigmoid"
-    weighting: Weighting = "attribution"
-    span: Span = "response"
-    lam: float = 0.7
-    sigma_div: float = 4.0
-    beta: float = 0.1
-    alpha_kl: float = 0.0
-    gamma: float = 0.1
-    margin: float = 1.0
+    # The field defaults ARE the paper preset (one source of truth: PRESETS).
+    base_loss: BaseLoss = PRESETS["paper"]["base_loss"]
+    loss_type: LossType = PRESETS["paper"]["loss_type"]
+    weighting: Weighting = PRESETS["paper"]["weighting"]
+    span: Span = PRESETS["paper"]["span"]
+    lam: float = PRESETS["paper"]["lam"]
+    sigma_div: float = PRESETS["paper"]["sigma_div"]
+    beta: float = PRESETS["paper"]["beta"]
+    alpha_kl: float = PRESETS["paper"]["alpha_kl"]
+    gamma: float = PRESETS["paper"]["gamma"]
+    margin: float = PRESETS["paper"]["margin"]
     label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0
+    rpo_alpha: float = PRESETS["paper"]["rpo_alpha"]
     simpo_gamma: float = 0.5
-    anchor_context: AnchorContext = "chosen_prefix"
+    anchor_context: AnchorContext = PRESETS["paper"]["anchor_context"]
     anchor_prefix_tokens: int = 8
+    # The keys set on top of the preset. A new preset (``replace(cfg, {"loss.preset": ...})``, a Tune trial)
+    # resets every other key to the new preset's value and keeps these.
+    explicit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"loss.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        check_preset(self.preset)
+        unknown = sorted(set(self.explicit) - _KEYS)
+        if unknown:
+            raise ValueError(f"loss.explicit: unknown loss keys {unknown}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"loss.lam must be in [0, 1], got {self.lam}")
         if self.sigma_div <= 0:
@@ -146,10 +153,17 @@ class LossConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LossConfig:
         """The preset's values with ``overrides`` on top, e.g. ``LossConfig.from_preset("official", gamma=0)``."""
-        if name not in PRESETS:
-            raise ValueError(f"loss.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
+        check_preset(name)
+        unknown = sorted(set(overrides) - _KEYS)
         if unknown:
             raise ValueError(f"unknown loss keys: {', '.join('loss.' + k for k in unknown)}")
-        return cls(**{**PRESETS[name], **overrides, "preset": name})
+        return cls(**{**PRESETS[name], **overrides, "preset": name, "explicit": tuple(sorted(overrides))})
+
+
+def check_preset(name: str) -> None:
+    """Raise naming the choices unless ``name`` is a preset (the one check)."""
+    if name not in PRESETS:
+        raise ValueError(f"loss.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+
+
+_KEYS = frozenset(f.name for f in dataclasses.fields(LossConfig)) - {"preset", "explicit"}

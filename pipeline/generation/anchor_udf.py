@@ -90,8 +90,7 @@ class AnchorGenerator:
         self.engine = build_engine(cfg, model_path, kind=kind, version=version)
         tokenizer = getattr(self.engine, "tokenizer", None)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        # One anchor per row (generation.n is for evaluation sampling).
-        self.params = SamplingParams.from_config(cfg.generation, stop_token_ids(tokenizer, cfg.generation.stop), n=1)
+        self.params = SamplingParams.from_config(cfg.generation, stop_token_ids(tokenizer, cfg.generation.stop))
         self.actor_id = uuid.uuid4().hex[:12]
         self.stats_path = Path(stats_dir) / f"{self.actor_id}.jsonl"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)

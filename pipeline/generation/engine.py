@@ -79,7 +79,6 @@ class SamplingParams:
             "max_new_tokens": gen.max_new_tokens,
             "stop_token_ids": tuple(stop_token_ids),
             "seed": gen.seed,
-            "n": gen.n,
         }
         return cls(**{**values, **overrides})
 
@@ -188,5 +187,5 @@ def build_engine(cfg: RunConfig, model_path: str, *, kind: str | None = None, ve
         from pipeline.generation.hf_engine import HFEngine
 
         device = "cuda" if gpu_available() and cfg.generation.gpus_per_engine > 0 else "cpu"
-        return HFEngine(model_path, None, device=device, model_cfg=cfg.model, version=version)
+        return HFEngine(model_path, None, device=device, model_cfg=cfg.model, version=version, seed=cfg.seed)
     raise ValueError(f"unknown engine kind {kind!r}: expected hf or vllm")

@@ -132,18 +132,6 @@ def sample_responses(
     return out
 
 
-def load_model_and_tokenizer(path: str, model_cfg: ModelConfig, device: str = "cpu"):
-    """(model, tokenizer) from an HF folder, or the base model of ``model_cfg`` when ``path`` is its name."""
-    from pipeline.models import build_model, build_tokenizer, load_for_inference
-
-    if path == model_cfg.name and not Path(path).is_dir():
-        tok = build_tokenizer(model_cfg)
-        model = build_model(model_cfg, len(tok))
-    else:
-        model, tok = load_for_inference(path, model_cfg)
-    return model.to(device).eval(), tok
-
-
 class HFEngine:
     """The transformers engine: batched, left-padded, per-row seeded generation on CPU or GPU.
 
@@ -152,17 +140,20 @@ class HFEngine:
         tokenizer: required with a loaded model; loaded from the folder otherwise.
         device: ``cpu`` or ``cuda``.
         model_cfg: settings used to load folders (dtype, trust_remote_code); defaults to ``ModelConfig()``.
+        seed: the run seed (``tiny`` is built with it, as in the train workers).
         version: a label for the current weights (reported in each anchor's ``anchor_version``).
         batch_size: rows per ``generate`` call (a larger request is split).
     """
 
     def __init__(self, model_path_or_model: Any, tokenizer=None, device: str = "cpu", *,
-                 model_cfg: ModelConfig | None = None, version: str | None = None, batch_size: int = 64):  # fmt: skip
+                 model_cfg: ModelConfig | None = None, version: str | None = None, batch_size: int = 64,
+                 seed: int = 0):  # fmt: skip
         self.model_cfg = model_cfg or ModelConfig()
+        self.seed = seed
         self.device = device
         self.batch_size = batch_size
         if isinstance(model_path_or_model, (str, Path)):
-            self.model, loaded_tok = load_model_and_tokenizer(str(model_path_or_model), self.model_cfg, device)
+            self.model, loaded_tok = self._load(str(model_path_or_model))
             self.tokenizer = tokenizer or loaded_tok
             self.version = version or str(model_path_or_model)
         else:
@@ -171,6 +162,12 @@ class HFEngine:
             self.model, self.tokenizer = model_path_or_model.to(device).eval(), tokenizer
             self.version = version or "in-memory"
         self.tokens_generated = 0
+
+    def _load(self, path: str):
+        from pipeline.models import load_pretrained
+
+        model, tok = load_pretrained(self.model_cfg, path, seed=self.seed)
+        return model.to(self.device), tok
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, *, row_keys: Sequence[str] | None = None
@@ -186,7 +183,7 @@ class HFEngine:
 
     def load_weights(self, path: str, *, version: str | None = None) -> None:
         """Reload the policy from an HF checkpoint folder (the tokenizer stays)."""
-        self.model, _ = load_model_and_tokenizer(str(path), self.model_cfg, self.device)
+        self.model, _ = self._load(str(path))
         self.version = version or str(path)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: str | None = None):

@@ -21,8 +21,6 @@ that round k exported, by calling this with ``round_idx=k+1`` and that folder as
 from __future__ import annotations
 
 import collections
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -39,63 +37,29 @@ from pipeline.generation.engine import select_engine
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-def _newest_hf_folder(root: Path) -> Path | None:
-    """``root`` if it is an HF folder (has config.json), else its newest HF sub-folder, else None."""
-    if (root / "config.json").is_file():
-        return root
-    if not root.is_dir():
-        return None
-    subs = [p for p in root.iterdir() if (p / "config.json").is_file()]
-    return max(subs, key=lambda p: (p / "config.json").stat().st_mtime_ns, default=None)
-
 
 def resolve_model_path(cfg, model_path: str | None = None) -> str:
-    """``model_path``, else the newer of ``<output_dir>/model`` and ``<output_dir>/sft/model``, else the base."""
+    """``model_path`` (checked), else the run's current policy (:func:`pipeline.plan.latest_policy`)."""
+    from pipeline.plan import latest_policy
+
     if model_path:
         if not Path(model_path).exists() and model_path != cfg.model.name:
             raise FileNotFoundError(f"--model {model_path}: no such folder")
         return str(model_path)
-    out = Path(cfg.output_dir)
-    found = [f for f in (_newest_hf_folder(out / "model"), _newest_hf_folder(out / "sft" / "model")) if f]
-    if found:
-        return str(max(found, key=lambda p: (p / "config.json").stat().st_mtime_ns))
-    return cfg.model.name
-
-
-def _files_fingerprint(files: list[Path], root: Path) -> list[list[Any]]:
-    return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
-
-
-def model_fingerprint(cfg, model_path: str) -> str:
-    """Hash of a folder's weight/config files (name, size, mtime), or of the base model's config."""
-    path = Path(model_path)
-    if path.is_dir():
-        files = [f for f in path.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")]
-        payload: Any = _files_fingerprint(files, path)
-    else:
-        payload = dataclasses.asdict(cfg.model)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return latest_policy(cfg)
 
 
 def stage_fingerprint(cfg, split_dir: Path, model_path: str, kind: str) -> str:
-    """Everything that changes the anchors: data files, model weights, sampling, anchor context, engine."""
-    payload = {
-        "data": _files_fingerprint(parquet_files(split_dir), split_dir),
-        "model_path": str(model_path),
-        "model": model_fingerprint(cfg, model_path),
-        "generation": {
-            k: v
-            for k, v in dataclasses.asdict(cfg.generation).items()
-            if k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop")
-        },  # fmt: skip
-        "anchor_context": cfg.loss.anchor_context,
-        "anchor_prefix_tokens": cfg.loss.anchor_prefix_tokens,
+    """Everything that changes the anchors: the data's content, the model's, the anchor settings, the engine."""
+    from pipeline.fingerprint import digest, folder_fingerprint, model_fingerprint
+    from pipeline.plan import anchor_settings
+
+    return digest({
+        "data": folder_fingerprint(split_dir, (".parquet",)),
+        "model": model_fingerprint(model_path, cfg.model, cfg.seed),
+        "anchors": anchor_settings(cfg),
         "engine": kind,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    })  # fmt: skip
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -172,6 +136,7 @@ def _run_pool(cfg, split_dir: Path, out_dir: Path, model_path: str, version: str
         compute=ray.data.ActorPoolStrategy(size=gen.num_engines),
         num_cpus=gen.cpus_per_engine,
         num_gpus=gpus,
+        resources=gen.resources or None,  # custom resources pin the actors to the nodes that have them
         # Bounded (Ray Data's default is unlimited): a replaced actor reruns its batch at most max_retries times.
         # Passed as ray_remote_args, which Ray 2.60 marks deprecated (removal in 2.64) with no named successor.
         max_restarts=gen.max_retries,
@@ -183,16 +148,18 @@ def _run_pool(cfg, split_dir: Path, out_dir: Path, model_path: str, version: str
 def generate_anchors(cfg, *, split: str = "train", round_idx: int = 0, model_path: str | None = None,
                      force: bool = False) -> dict[str, Any]:  # fmt: skip
     """Generate anchors for ``<output_dir>/data/<split>``; returns the manifest (``cached`` says if reused)."""
+    from pipeline.plan import Layout
     from pipeline.ray_utils import ensure_ray
 
-    split_dir = Path(cfg.output_dir) / "data" / split
+    layout = Layout(Path(cfg.output_dir))
+    split_dir = layout.split(split)
     if not parquet_files(split_dir):
         raise FileNotFoundError(f"no prepared data under {split_dir}: run `tidpo prepare` first")
     model_path = resolve_model_path(cfg, model_path)
     kind, reason = select_engine(cfg.generation)
     log.info("generation engine: %s (%s); policy %s", kind, reason, model_path)
-    name = f"round-{round_idx}" if split == "train" else f"round-{round_idx}-{split}"
-    final = Path(cfg.output_dir) / "anchors" / name
+    final = layout.anchors(round_idx, split)
+    name = final.name
     fingerprint = stage_fingerprint(cfg, split_dir, model_path, kind)
     manifest_path = final / "manifest.json"
     if manifest_path.is_file() and not force:
@@ -200,7 +167,9 @@ def generate_anchors(cfg, *, split: str = "train", round_idx: int = 0, model_pat
         if manifest.get("fingerprint") == fingerprint:
             log.info("anchors %s: cache hit (fingerprint %s); --force to redo", final, fingerprint)
             return {**manifest, "cached": True}
-    version = f"{model_path}@{model_fingerprint(cfg, model_path)}"
+    from pipeline.fingerprint import model_fingerprint
+
+    version = f"{model_path}@{model_fingerprint(model_path, cfg.model, cfg.seed)}"
     tmp = final.with_name(f"{name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     ensure_ray(cfg.ray)

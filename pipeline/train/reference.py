@@ -2,12 +2,12 @@
 
 Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (and ``ref_anchor_logps`` when the rows carry anchors): one
 float per RESPONSE token, log pi_ref(y_t | x, y_<t). The cache key is (fingerprint of the input Parquet files,
-identity of the reference model, code version), so Tune trials and later rounds reuse it.
+content of the reference model, code version; :mod:`pipeline.fingerprint`), so Tune trials and later rounds
+reuse it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,50 +17,20 @@ import numpy as np
 import torch
 
 from pipeline.batching import collate_pairs, pack_sequences, rows_from_columns
-from pipeline.config import RunConfig, to_dict
+from pipeline.config import RunConfig
 from pipeline.train.step import StepModels, reference_outputs
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "ref-logps-v1"
 
 
-def files_fingerprint(folder: str | Path) -> str:
-    """Hash of the Parquet files' names, sizes and contents' first/last MiB (cheap for large files)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).rglob("*.parquet")):
-        h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(2**20))
-            fh.seek(max(0, f.stat().st_size - 2**20))
-            h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def model_identity(cfg: RunConfig, name: str) -> str:
-    """``tiny``: its config and seed; a folder: its config and weight files' names, sizes and mtimes; else the
-    hub name (a revision pin belongs in the name)."""
-    path = Path(name)
-    if name == "tiny":
-        ident: Any = {"tiny": to_dict(cfg.model), "seed": cfg.seed}
-    elif path.is_dir():
-        ident = sorted(
-            (f.name, f.stat().st_size, int(f.stat().st_mtime))
-            for f in path.iterdir()
-            if f.suffix in (".json", ".safetensors", ".bin")
-        )
-    else:
-        ident = name
-    return hashlib.sha256(json.dumps([name, ident], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class RefLogpsUDF:
     """Ray Data actor: loads the reference once, adds the reference log-prob columns to each batch."""
 
-    def __init__(self, run: dict[str, Any], ref_name: str):
-        from pipeline.config import from_dict
+    def __init__(self, run: RunConfig, ref_name: str):
         from pipeline.models import build_model, build_tokenizer
 
-        cfg = from_dict(run)
+        cfg = run
         self.tok = build_tokenizer(cfg.model)
         model = build_model(cfg.model, len(self.tok), name=ref_name, seed=cfg.seed).eval()
         self.models = StepModels(policy=model, reference=model)
@@ -90,9 +60,13 @@ def precompute_reference(cfg: RunConfig, src: str | Path, ref_name: str, cache_r
     """Parquet folder ``src`` + reference columns -> cached folder (computed once per (data, model) key)."""
     import ray
 
-    key = hashlib.sha256(
-        f"{files_fingerprint(src)}:{model_identity(cfg, ref_name)}:{CODE_VERSION}".encode()
-    ).hexdigest()[:16]
+    from pipeline.fingerprint import digest, folder_fingerprint, model_fingerprint
+
+    key = digest({
+        "data": folder_fingerprint(src, (".parquet",)),
+        "reference": model_fingerprint(ref_name, cfg.model, cfg.seed),
+        "code": CODE_VERSION,
+    })  # fmt: skip
     out = Path(cache_root) / f"ref-{key}"
     done = out / "_DONE.json"
     if done.exists():
@@ -102,18 +76,25 @@ def precompute_reference(cfg: RunConfig, src: str | Path, ref_name: str, cache_r
     n_in = ds.count()
     ds = ds.map_batches(
         RefLogpsUDF,
-        fn_constructor_args=(to_dict(cfg), ref_name),
+        fn_constructor_args=(cfg, ref_name),
         batch_size=max(8, cfg.train.micro_batch_size),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
     )
-    tmp = out.with_name(out.name + ".tmp")
+    import os
+    import shutil
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # concurrent Tune trials may compute the same key
+    shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp))
     n_out = ray.data.read_parquet(str(tmp)).count()
     if n_out != n_in:
         raise RuntimeError(f"reference precompute wrote {n_out} rows for {n_in} inputs of {src}")
-    tmp.rename(out)
+    if out.exists():  # another process finished the same key first: identical content, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)
     done.write_text(json.dumps({"rows": n_in, "src": str(src), "reference": ref_name}))
     log.info("reference log-probs: computed %d rows into %s", n_in, out)
     return out

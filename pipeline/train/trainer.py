@@ -18,36 +18,37 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, flatten, to_dict, to_yaml
+from pipeline.plan import StagePlan, describe
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """What one training run reads and writes (the loop runs several: SFT, then one per round)."""
+    """One training run: its plan and the data it reads (the split, or the anchors / reference-cache folder
+    that the driver materialised from it; see :func:`pipeline.train.inputs.build_job`)."""
 
-    stage_dir: Path
+    plan: StagePlan
     train_path: Path
     eval_path: Path | None
-    init_model: str
-    ref_model: str | None
-    mode: str = "preference"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.plan.stage_dir
 
     @property
     def model_dir(self) -> Path:
-        return self.stage_dir / "model"
+        return self.plan.model_dir
 
 
-def reference_mode(cfg: RunConfig) -> str:
-    """precompute | copy | lora | none, from ``model.reference`` (auto: precompute unless TDPO2's KL needs logits)."""
-    if not cfg.loss.needs_reference:
-        return "none"
-    mode = cfg.model.reference
-    if mode == "auto":
-        mode = "copy" if cfg.loss.needs_ref_logits else ("lora" if cfg.model.lora_r > 0 else "precompute")
-    if mode == "precompute" and cfg.loss.needs_ref_logits:
-        raise ValueError("model.reference=precompute cannot serve base_loss=tdpo with alpha_kl > 0 (needs logits)")
-    return mode
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the Ray Train worker receives beside the run config (typed, as the driver resolved it)."""
+
+    plan: StagePlan
+    has_eval: bool
+    mlflow: dict[str, str] | None
+    summary_path: Path
 
 
 def _progress(metrics_path: Path, total: int, stop: threading.Event) -> None:
@@ -79,8 +80,8 @@ def _mlflow_run(cfg: RunConfig, job: TrainJob, parent_run_id: str | None = None)
     from pipeline.tracking import mlflow_setup
 
     uri, experiment_id = mlflow_setup(cfg)
-    name = cfg.tracking.run_name or f"{job.stage_dir.name}-{job.mode}"
-    tags = {"tidpo.stage": job.mode, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    name = cfg.tracking.run_name or f"{job.stage_dir.name}-{job.plan.mode}"
+    tags = {"tidpo.stage": job.plan.mode, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     run = mlflow.MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
     client = mlflow.MlflowClient(uri)
     for k, v in flatten(to_dict(cfg)).items():
@@ -89,8 +90,23 @@ def _mlflow_run(cfg: RunConfig, job: TrainJob, parent_run_id: str | None = None)
     return {"uri": uri, "run_id": run.info.run_id}
 
 
-def _inputs(job: TrainJob) -> dict[str, Any]:
-    return {"train": str(job.train_path), "eval": str(job.eval_path), "init": job.init_model, "ref": job.ref_model}
+def _inputs(cfg: RunConfig, job: TrainJob) -> dict[str, Any]:
+    """What a finished run was trained from, by content (a cache hit needs the same config AND these)."""
+    from pipeline.fingerprint import folder_fingerprint, model_fingerprint
+
+    plan = job.plan
+    ref = plan.reference.model
+    return {
+        "train": folder_fingerprint(job.train_path, (".parquet",)),
+        "eval": folder_fingerprint(job.eval_path, (".parquet",)) if _has_rows(job.eval_path) else None,
+        "init": model_fingerprint(plan.init_model, cfg.model, plan.seed),
+        "ref": model_fingerprint(ref, cfg.model, plan.seed) if ref else None,
+        "plan": {"reference": plan.reference.kind, "anchors": plan.anchors.source, "steps": plan.max_steps},
+    }
+
+
+def _has_rows(path: Path | None) -> bool:
+    return path is not None and any(Path(path).rglob("*.parquet"))
 
 
 def _datasets(job: TrainJob) -> dict[str, Any]:
@@ -98,7 +114,7 @@ def _datasets(job: TrainJob) -> dict[str, Any]:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the training bar is the driver's view
     out = {"train": ray.data.read_parquet(str(job.train_path))}
-    if job.eval_path is not None and any(Path(job.eval_path).rglob("*.parquet")):
+    if _has_rows(job.eval_path):
         out["eval"] = ray.data.read_parquet(str(job.eval_path))
     return out
 
@@ -122,44 +138,44 @@ def run_training(
 
     from pipeline.train.worker import train_loop
 
+    plan = job.plan
     summary_path = job.stage_dir / "summary.json"
+    inputs = _inputs(cfg, job)
     if summary_path.exists() and not force:
         done = json.loads(summary_path.read_text())
-        if done.get("completed") and done.get("config") == to_dict(cfg) and done.get("inputs") == _inputs(job):
+        if done.get("completed") and done.get("config") == to_dict(cfg) and done.get("inputs") == inputs:
             log.info("train: %s already finished with this config (cache hit; --force to redo)", job.stage_dir)
             return done
-        force = True  # finished with other settings: start a fresh run rather than resume that one
+        changed = "config" if done.get("config") != to_dict(cfg) else "inputs (data or models)"
+        log.warning("train: %s holds a run with other %s: replacing it with a fresh run", job.stage_dir, changed)
+        force = True  # a finished (or half-done) run with other settings: start afresh rather than resume it
     storage = (job.stage_dir / "ray").resolve()
     if force:
         shutil.rmtree(job.stage_dir, ignore_errors=True)
     job.stage_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
-    max_steps = tc.sft_steps if job.mode == "sft" else tc.max_steps
+    log.info("%s", describe(plan))
     datasets = _datasets(job)
     mlflow_info = _mlflow_run(cfg, job, mlflow_parent_id)
-    worker_job = {
-        "mode": job.mode,
-        "init_model": job.init_model,
-        "ref_model": job.ref_model,
-        "model_dir": str(job.model_dir.resolve()),
-        "metrics_path": str((job.stage_dir / "metrics.jsonl").resolve()),
-        "summary_path": str((job.stage_dir / "worker_summary.json").resolve()),
-        "mlflow": mlflow_info,
-        "max_steps": max_steps,
-        "lr": tc.sft_lr if job.mode == "sft" else tc.lr,
-        "has_eval": "eval" in datasets,
-        "with_anchor": job.mode == "preference" and cfg.loss.uses_triplet and tc.anchors == "column",
-    }
+    worker_job = WorkerJob(
+        plan=plan, has_eval="eval" in datasets, mlflow=mlflow_info, summary_path=job.stage_dir / "worker_summary.json"
+    )
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    resources.update(tc.resources_per_worker)  # custom resources: which nodes may host a worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"run": to_dict(cfg), "job": worker_job},
+        train_loop_config={"cfg": cfg, "job": worker_job},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=tc.placement_strategy,
         ),
+        # the train split goes whole to every worker, which walks its seeded per-epoch permutation (worker.py)
+        dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
         run_config=ray.train.RunConfig(
-            name=job.mode,
+            name=plan.mode,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_last),
@@ -168,7 +184,7 @@ def run_training(
         datasets=datasets,
     )
     stop = threading.Event()
-    bar = threading.Thread(target=_progress, args=(Path(worker_job["metrics_path"]), max_steps, stop), daemon=True)
+    bar = threading.Thread(target=_progress, args=(plan.metrics_path, plan.max_steps, stop), daemon=True)
     if progress:
         bar.start()
     start = time.time()
@@ -178,16 +194,19 @@ def run_training(
         stop.set()
         if progress:
             bar.join(timeout=5)
-    return _finish(cfg, job, worker_job, mlflow_info, time.time() - start)
+    return _finish(cfg, job, worker_job, inputs, time.time() - start)
 
 
-def _finish(cfg, job: TrainJob, worker_job, mlflow_info, wall: float) -> dict[str, Any]:
-    worker = json.loads(Path(worker_job["summary_path"]).read_text())
-    records = [json.loads(x) for x in Path(worker_job["metrics_path"]).read_text().splitlines()]
+def _finish(cfg, job: TrainJob, worker_job: WorkerJob, inputs: dict[str, Any], wall: float) -> dict[str, Any]:
+    from pipeline.plan import to_record
+
+    mlflow_info = worker_job.mlflow
+    worker = json.loads(worker_job.summary_path.read_text())
+    records = [json.loads(x) for x in job.plan.metrics_path.read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r]
     summary = {
         "completed": True,
-        "mode": job.mode,
+        "mode": job.plan.mode,
         "model_dir": str(job.model_dir),
         "wall_time_s": wall,
         "steps": worker["step"],
@@ -199,7 +218,8 @@ def _finish(cfg, job: TrainJob, worker_job, mlflow_info, wall: float) -> dict[st
         "last_step": steps[-1] if steps else {},
         "mlflow_run_id": (mlflow_info or {}).get("run_id"),
         "config": to_dict(cfg),
-        "inputs": _inputs(job),
+        "inputs": inputs,
+        "plan": to_record(job.plan),
     }
     (job.stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if mlflow_info:

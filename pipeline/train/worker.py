@@ -1,10 +1,17 @@
 """The Ray Train worker: setup -> loop -> report. It reads only its ``config`` argument.
 
-``config = {"run": <RunConfig as a dict>, "job": {...}}`` where ``job`` carries what the driver resolved:
-``mode`` (``preference`` | ``sft``), ``init_model`` (folder or ``tiny``), ``ref_model`` (folder, ``tiny`` or
-None when reference log-probs are precomputed), ``model_dir`` (export folder), ``metrics_path``
-(rank 0 appends one JSON line per logged step), ``mlflow`` (``{"uri", "run_id"}`` or None), ``max_steps``,
-``lr`` and ``with_anchor``.
+``config = {"cfg": RunConfig, "job": WorkerJob}``: the run config and what the driver resolved (the stage's
+:class:`~pipeline.plan.StagePlan`, the MLflow run, whether there is an eval split). The worker takes no
+decision of its own: policy, reference, anchors, steps, learning rate and seeds all come from the plan.
+
+Data order: each worker holds the whole train split (sorted by ``row_id``, a canonical order whatever order
+Ray Data delivers blocks in) and walks one permutation per epoch, seeded by the run seed and the epoch, the
+same on every rank (:func:`epoch_order`). Optimizer step s of an epoch consumes rows ``[s*G, (s+1)*G)`` of the
+permutation (``G = micro_batch_size * grad_accum * num_workers``); micro-batch a of rank r takes its slice
+``(a * world + r) * micro``. A global batch is therefore the same set of rows for any (workers, accumulation)
+split, and a resumed run, which restores (epoch, micro-batch index), sees exactly the rows the uninterrupted run
+would. The rows left over at the end of an epoch (fewer than G) are dropped; the permutation differs per
+epoch, so every row is used over the run.
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.batching import collate_pairs, rows_from_columns
-from pipeline.config import RunConfig, from_dict
+from pipeline.config import RunConfig
 from pipeline.train import state as ckpt
 from pipeline.train.engine import export_model, init_engine, wrap_reference
 from pipeline.train.engine import step as optimizer_step
@@ -30,15 +38,14 @@ from tidpo import metric_sums
 log = logging.getLogger(__name__)
 
 
-def _load_models(cfg: RunConfig, job: dict[str, Any], device: torch.device):
+def _load_models(cfg: RunConfig, plan, device: torch.device):
     from pipeline.models import build_model, build_tokenizer
 
     tok = build_tokenizer(cfg.model)
-    policy = build_model(cfg.model, len(tok), name=job["init_model"], seed=cfg.seed)
+    policy = build_model(cfg.model, len(tok), name=plan.init_model, seed=plan.seed)
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = cfg.model.lora_r > 0
-    if lora:
+    if cfg.model.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(
@@ -51,22 +58,64 @@ def _load_models(cfg: RunConfig, job: dict[str, Any], device: torch.device):
             ),
         )
     reference = None
-    if job["ref_model"] and not (lora and cfg.model.reference == "lora"):
-        reference = build_model(cfg.model, len(tok), name=job["ref_model"], seed=cfg.seed).to(device)
-    return tok, policy.to(device), reference, lora and cfg.model.reference == "lora"
+    if plan.reference.worker_model:
+        reference = build_model(cfg.model, len(tok), name=plan.reference.worker_model, seed=plan.seed).to(device)
+    return tok, policy.to(device), reference
 
 
-def _batches(shard, cfg: RunConfig, epoch: int, skip: int, device: torch.device, pad_id: int, with_anchor: bool):
-    """Yield (batch_index, collated batch on device) for one epoch, skipping ``skip`` already-used batches.
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of the train split's rows for ``epoch`` (same on every rank, independent of world size)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
-    Every worker ends the epoch together: a shard that runs dry first tells the others (no collective hang).
-    """
-    it = iter(
-        shard.iter_batches(
-            batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=None
+
+def micro_batch_rows(order: np.ndarray, index: int, *, micro: int, accum: int, world: int, rank: int) -> np.ndarray:
+    """Row positions of this rank's ``index``-th micro-batch of the epoch (see the module docstring)."""
+    step, a = divmod(index, accum)
+    start = step * micro * accum * world + (a * world + rank) * micro
+    return order[start : start + micro]
+
+
+def micro_batches_per_epoch(num_rows: int, *, micro: int, accum: int, world: int) -> int:
+    return (num_rows // (micro * accum * world)) * accum
+
+
+def read_split(shard):
+    """The whole dataset behind an (unsplit) Ray Data iterator as one pyarrow Table sorted by ``row_id``."""
+    import pyarrow as pa
+
+    tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+    if not tables:
+        raise ValueError("the train split is empty")
+    return pa.concat_tables(tables).sort_by("row_id")
+
+
+def _batches(table, plan, cfg: RunConfig, epoch: int, skip: int, device: torch.device, pad_id: int):
+    """Yield (micro-batch index, collated batch on device) for one epoch, from micro-batch ``skip`` on."""
+    tc, world, rank = cfg.train, _world(), _rank()
+    order = epoch_order(table.num_rows, plan.seed, epoch)
+    total = micro_batches_per_epoch(table.num_rows, micro=tc.micro_batch_size, accum=tc.grad_accum, world=world)
+    if total == 0:
+        raise ValueError(
+            f"the train split has {table.num_rows} rows, fewer than one global batch "
+            f"({tc.micro_batch_size} x {tc.grad_accum} x {world} workers)"
         )
-    )
-    index = 0
+    for index in range(skip, total):
+        positions = micro_batch_rows(order, index, micro=tc.micro_batch_size, accum=tc.grad_accum, world=world,
+                                     rank=rank)  # fmt: skip
+        rows = rows_from_columns(table.take(positions).to_pydict())
+        yield index, _collate(rows, plan, pad_id, device)
+
+
+def _collate(rows, plan, pad_id: int, device: torch.device, *, anchors: bool | None = None):
+    anchors = plan.anchors.in_batches if anchors is None else anchors
+    batch = collate_pairs(rows, pad_id, with_anchor=anchors, with_reference=plan.reference.precompute)
+    batch["rows"] = rows
+    return _to_device(batch, device)
+
+
+def _eval_batches(shard, plan, cfg: RunConfig, device: torch.device, pad_id: int):
+    """This worker's eval shard in micro-batches; every worker stops together (no collective hang)."""
+    it = iter(shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"))
     while True:
         raw = next(it, None)
         flag = torch.tensor([0 if raw is None else 1], dtype=torch.int32)
@@ -74,12 +123,15 @@ def _batches(shard, cfg: RunConfig, epoch: int, skip: int, device: torch.device,
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if int(flag) == 0:
             return
-        if index >= skip:
-            rows = rows_from_columns(raw)
-            batch = collate_pairs(rows, pad_id, with_anchor=with_anchor)
-            batch["rows"] = rows
-            yield index, _to_device(batch, device)
-        index += 1
+        yield _collate(rows_from_columns(raw), plan, pad_id, device, anchors=False)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -97,29 +149,28 @@ def _any_nonfinite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def _micro_step(cfg: RunConfig, job, engine, models, batch, generator, tok=None):
-    if job["mode"] == "preference" and cfg.loss.uses_triplet and cfg.train.anchors == "online":
+def _micro_step(cfg: RunConfig, plan, engine, models, batch, generator, tok):
+    if plan.anchors.source == "online":
         from pipeline.train.anchors import online_anchor_pack
 
-        pack = online_anchor_pack(
-            cfg, models.policy, tok, batch["rows"], seed=cfg.generation.seed + engine.global_steps
-        )
+        seed = cfg.generation.seed + engine.global_steps
+        pack = online_anchor_pack(cfg, models.policy, tok, batch["rows"], seed=seed)
         batch["anchor"] = _to_device(pack, next(models.policy.parameters()).device)
-    if job["mode"] == "sft":
+    if plan.mode == "sft":
         loss, per_example = sft_step(models, batch)
         return loss, metric_sums(per_example, {})
     obj = preference_step(cfg.loss, models, batch, generator=generator)
     return obj.loss, metric_sums(obj.metrics, obj.counts)
 
 
-def run_eval(cfg: RunConfig, models: StepModels, shard, device, pad_id: int, mode: str) -> dict[str, float]:
+def run_eval(cfg: RunConfig, plan, models: StepModels, shard, device, pad_id: int) -> dict[str, float]:
     """Held-out metrics over this worker's eval shard, summed over workers (SFT: the chosen responses' NLL)."""
     if shard is None:
         return {}
     sums: dict[str, torch.Tensor] = {}
     models.policy.eval()
-    for _, batch in _batches(shard, cfg, 0, 0, device, pad_id, with_anchor=False):
-        if mode == "sft":
+    for batch in _eval_batches(shard, plan, cfg, device, pad_id):
+        if plan.mode == "sft":
             with torch.no_grad():
                 per_example = {"eval/loss": sft_step(models, batch)[1]["loss"]}
         else:
@@ -130,18 +181,21 @@ def run_eval(cfg: RunConfig, models: StepModels, shard, device, pad_id: int, mod
     return MetricWindow.reduce_global(sums) if sums else {}
 
 
-def _register_worker(job: dict[str, Any], rank: int, state: ckpt.TrainState) -> None:
+def _register_worker(plan, rank: int, state: ckpt.TrainState) -> None:
     """Write ``<stage>/workers/rank<r>.json`` (pid, node, attempt): where each live worker runs, for operators
     (``py-spy dump --pid``) and for the fault-injection test, which kills exactly this run's rank 0."""
     import os
     import socket
 
-    folder = Path(job["metrics_path"]).parent / "workers"
+    import ray
+
+    folder = plan.stage_dir / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "rank": rank,
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "attempt": state.restarts,
         "started_at": time.time(),
     }
@@ -154,32 +208,33 @@ def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see module docstring)."""
     import ray.train
 
-    cfg, job = from_dict(config["run"]), config["job"]
+    cfg, job = config["cfg"], config["job"]
+    plan = job.plan
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if cfg.train.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.train.seed)
-    tok, policy, reference, lora_ref = _load_models(cfg, job, device)
+    torch.manual_seed(plan.train_seed)
+    tok, policy, reference = _load_models(cfg, plan, device)
     if reference is not None:
         reference = wrap_reference(cfg.train, reference)
-    engine = init_engine(cfg.train, policy, total_steps=job["max_steps"], lr=job["lr"])
-    models = StepModels(engine.module, reference, lora_ref, shared_attribution=cfg.train.shared_attribution)
+    engine = init_engine(cfg.train, policy, total_steps=plan.max_steps, lr=plan.lr)
+    models = StepModels(
+        engine.module, reference, plan.reference.adapters_off, shared_attribution=cfg.train.shared_attribution
+    )
     if rank == 0:
         log.info("attribution pass: %s", "shared forward" if models.shared_attribution else "separate forward")
     state = ckpt.restore(engine, rank)
-    _register_worker(job, rank, state)
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if job.get("has_eval") else None
+    _register_worker(plan, rank, state)
+    generator = torch.Generator().manual_seed(plan.train_seed * 1000 + rank)
+    table = read_split(ray.train.get_dataset_shard("train"))
+    eval_shard = ray.train.get_dataset_shard("eval") if job.has_eval else None
     tracker = _Tracker(job, rank, cfg.train.report_interval_s)
     window = MetricWindow()
     engine.train()
-    while engine.global_steps < job["max_steps"]:
-        batches = _batches(
-            train_shard, cfg, state.epoch, state.batch_in_epoch, device, tok.pad_token_id, job["with_anchor"]
-        )
-        for index, batch in batches:
-            loss, sums = _micro_step(cfg, job, engine, models, batch, generator, tok)
+    while engine.global_steps < plan.max_steps:
+        for index, batch in _batches(table, plan, cfg, state.epoch, state.batch_in_epoch, device, tok.pad_token_id):
+            tracker.record_rows(state.epoch, index, batch["rows"])
+            loss, sums = _micro_step(cfg, plan, engine, models, batch, generator, tok)
             state.batch_in_epoch = index + 1
             if _any_nonfinite(loss):
                 state.nonfinite += 1
@@ -195,20 +250,17 @@ def train_loop(config: dict[str, Any]) -> None:
             step = engine.global_steps
             metrics = window.flush(engine, state, grad_norm) if step % cfg.train.log_every == 0 else None
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                metrics = {
-                    **(metrics or {}),
-                    **run_eval(cfg, models, eval_shard, device, tok.pad_token_id, job["mode"]),
-                }
+                metrics = {**(metrics or {}), **run_eval(cfg, plan, models, eval_shard, device, tok.pad_token_id)}
             save = cfg.train.save_every and step % cfg.train.save_every == 0
             tracker.report(step, metrics, engine if save else None, state)
-            if step >= job["max_steps"]:
+            if step >= plan.max_steps:
                 break
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
-    final = run_eval(cfg, models, eval_shard, device, tok.pad_token_id, job["mode"])
+    final = run_eval(cfg, plan, models, eval_shard, device, tok.pad_token_id)
     export_model(
-        engine, tok, job["model_dir"], rank=rank, zero_stage=cfg.train.zero_stage, merge_lora=cfg.model.merge_lora
+        engine, tok, str(plan.model_dir), rank=rank, zero_stage=cfg.train.zero_stage, merge_lora=cfg.model.merge_lora
     )
     tracker.finish(engine.global_steps, final, state)
 
@@ -216,17 +268,25 @@ def train_loop(config: dict[str, Any]) -> None:
 class _Tracker:
     """Rank 0 writes metrics.jsonl and MLflow; every rank calls ``ray.train.report`` (with checkpoints)."""
 
-    def __init__(self, job: dict[str, Any], rank: int, report_interval_s: float):
+    def __init__(self, job, rank: int, report_interval_s: float):
         self.rank, self.job, self.report_interval_s = rank, job, report_interval_s
         self.last_report = time.time()
-        self.path = Path(job["metrics_path"])
+        self.path = job.plan.metrics_path
+        self.rows_path = job.plan.stage_dir / "workers" / f"rows_rank{rank}.jsonl"
         self.mlflow = None
         self.start = time.time()
-        if rank == 0 and job.get("mlflow"):
+        if rank == 0 and job.mlflow:
             import mlflow
 
-            mlflow.set_tracking_uri(job["mlflow"]["uri"])
-            self.mlflow = mlflow.tracking.MlflowClient(job["mlflow"]["uri"])
+            mlflow.set_tracking_uri(job.mlflow["uri"])
+            self.mlflow = mlflow.tracking.MlflowClient(job.mlflow["uri"])
+
+    def record_rows(self, epoch: int, index: int, rows) -> None:
+        """Append (epoch, micro-batch index, row_ids) to ``workers/rows_rank<r>.jsonl``: the data order of this
+        rank, auditable (the shuffling and resume tests read it; a restarted worker appends the steps it redoes)."""
+        record = {"epoch": epoch, "index": index, "row_ids": [str(r["row_id"]) for r in rows]}
+        with self.rows_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def report(self, step: int, metrics: dict[str, float] | None, engine, state: ckpt.TrainState) -> None:
         import ray.train
@@ -264,7 +324,7 @@ class _Tracker:
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step"]
-            self.mlflow.log_batch(self.job["mlflow"]["run_id"], metrics=batch)
+            self.mlflow.log_batch(self.job.mlflow["run_id"], metrics=batch)
 
     def finish(self, step: int, final: dict[str, float], state: ckpt.TrainState) -> None:
         import ray.train
@@ -280,5 +340,5 @@ class _Tracker:
         }
         if self.rank == 0:
             self._log(step, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            Path(self.job["summary_path"]).write_text(json.dumps(summary, indent=2))
+            Path(self.job.summary_path).write_text(json.dumps(summary, indent=2))
         ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, bool))})

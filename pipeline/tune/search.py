@@ -49,15 +49,21 @@ def _reference_dirs(cfg: RunConfig) -> dict[str, float]:
     return {f.parent.name: f.stat().st_mtime for f in done if f.exists()}
 
 
-def shared_inputs(base: RunConfig, init_model: str) -> tuple[Any, dict[str, Any]]:
-    """Prepare data, anchors and reference log-probs ONCE on the driver -> (TrainJob template, timing record)."""
+def shared_inputs(base: RunConfig, init_model: str) -> dict[str, Any]:
+    """Prepare data, anchors and reference log-probs ONCE on the driver for the base config -> timing record.
+
+    Each trial then builds its own inputs from its own plan (:func:`pipeline.train.inputs.build_job`): a trial
+    whose plan needs what the base needs finds every cache warm; one whose sampled keys change the inputs (a
+    preset with another reference kind or anchor context) builds those, cached by fingerprint.
+    """
+    from pipeline.plan import plan
     from pipeline.train.inputs import build_job
 
     start = time.time()
-    job = build_job(base, stage_dir=tune_dir(base) / "trials", init_model=init_model)
+    build_job(base, plan(base, "trial", trial_id="shared", model=init_model))
     record = {"seconds": round(time.time() - start, 2), "init_model": init_model, "reference": _reference_dirs(base)}
     log.info("tune: shared inputs ready in %.1f s (reference caches %s)", record["seconds"], list(record["reference"]))
-    return job, record
+    return record
 
 
 def _parent_run(base: RunConfig, params: list[Param], state: dict[str, Any]) -> str | None:
@@ -107,12 +113,12 @@ def _scheduler(cfg: RunConfig):
     )
 
 
-def _trainable(base: RunConfig, job: Any, parent_run_id: str | None):
+def _trainable(base: RunConfig, init_model: str, parent_run_id: str | None):
     from ray import tune
 
     from pipeline.tune.trial import run_trial
 
-    fn = tune.with_parameters(run_trial, base=to_dict(base), job=job, parent_run_id=parent_run_id)
+    fn = tune.with_parameters(run_trial, base=to_dict(base), init_model=init_model, parent_run_id=parent_run_id)
     return tune.with_resources(fn, {"CPU": base.tune.trial_cpus})
 
 
@@ -174,8 +180,8 @@ def _load_state(cfg: RunConfig, fp: str, *, resume: bool, force: bool) -> dict[s
 
 def main(cfg: RunConfig, args) -> dict[str, Any]:
     """``tidpo tune``: run (or resume) the search and return its summary."""
+    from pipeline.plan import start_model
     from pipeline.ray_utils import ensure_ray
-    from pipeline.train.inputs import latest_policy
     from pipeline.tune import report
 
     base = base_config(cfg)
@@ -189,16 +195,18 @@ def main(cfg: RunConfig, args) -> dict[str, Any]:
     ensure_ray(base.ray)
     # Trials run in Ray actors whose working directory is not ours: they get absolute paths.
     run_base = replace(base, {"output_dir": str(Path(base.output_dir).resolve())})
-    # The initial policy is pinned when the search starts: a later `tidpo train` in this folder exports a newer
-    # policy that latest_policy() would pick, and a resumed search must not switch its trials to it.
-    state["init_model"] = state.get("init_model") or latest_policy(run_base)
-    job, inputs = shared_inputs(run_base, state["init_model"])
+    # The initial policy is pinned when the search starts: a resumed search must not switch its trials to
+    # another start model (an SFT export that appeared since).
+    state["init_model"] = state.get("init_model") or start_model(run_base)
+    inputs = shared_inputs(run_base, state["init_model"])
     state["parent_run_id"] = _parent_run(base, params, state)
     state_path = tune_dir(base) / "state.json"
     state_path.parent.mkdir(parents=True, exist_ok=True)
     resumed = state["status"] == "resume"
     state_path.write_text(json.dumps({**state, "status": "running"}, indent=2))
-    tuner = build_tuner(run_base, params, _trainable(run_base, job, state["parent_run_id"]), restore=resumed)
+    tuner = build_tuner(
+        run_base, params, _trainable(run_base, state["init_model"], state["parent_run_id"]), restore=resumed
+    )
     grid = tuner.fit()
     finished, expected = grid.num_terminated + grid.num_errors, num_trials(base, params)
     if finished < expected:

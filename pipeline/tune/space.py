@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, flatten, replace, to_dict
+from pipeline.plan import plan
 
 KINDS = ("uniform", "loguniform", "choice", "grid")
 SEARCHABLE = ("loss.", "train.")
@@ -55,22 +56,6 @@ def _parse_spec(key: str, spec: Any) -> Param:
     return Param(key, kind, tuple(values))
 
 
-def _check_shared_inputs(base: RunConfig, param: Param, value: Any, cfg: RunConfig) -> None:
-    """A trial must be servable by the inputs built once from the base config (anchors, reference mode)."""
-    from pipeline.train.trainer import reference_mode
-
-    if cfg.loss.uses_triplet and not base.loss.uses_triplet:
-        raise ConfigError(
-            f"tune.space.{param.key}: {value!r} turns the triplet term on (loss.gamma > 0) but the base config has "
-            "loss.gamma=0, so no anchors are generated for the trials; set loss.gamma > 0 in the base config"
-        )
-    if reference_mode(cfg) != reference_mode(base):
-        raise ConfigError(
-            f"tune.space.{param.key}: {value!r} changes the reference mode from {reference_mode(base)} to "
-            f"{reference_mode(cfg)}; all trials share the base config's reference"
-        )
-
-
 def parse_space(cfg: RunConfig) -> list[Param]:
     """``cfg.tune.space`` (or :data:`DEFAULT_SPACE` when empty) -> checked :class:`Param` list, in key order."""
     space = cfg.tune.space or DEFAULT_SPACE
@@ -86,11 +71,10 @@ def parse_space(cfg: RunConfig) -> list[Param]:
             )
         param = _parse_spec(key, spec)
         for value in param.endpoints():
-            try:
-                trial_cfg = replace(cfg, {key: value})
+            try:  # the trial's config and its plan must resolve (e.g. a triplet needs an anchor source)
+                plan(replace(cfg, {key: value}), "trial", trial_id="check")
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{key}: value {value!r} is invalid: {exc}") from exc
-            _check_shared_inputs(cfg, param, value, trial_cfg)
         params.append(param)
     if cfg.tune.search_alg == "optuna" and any(p.kind == "grid" for p in params):
         raise ConfigError("tune.search_alg=optuna cannot take grid entries; use choice (or search_alg=grid)")

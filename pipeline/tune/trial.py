@@ -4,13 +4,12 @@ The trial is a thin Tune function that drives a ``TorchTrainer`` (Ray 2.60, Trai
 passed to the Tuner). The workers' ``ray.train.report`` metrics reach Tune through
 :class:`MetricReportCallback`, a ``TuneReportCallback`` that forwards only reports carrying the searched metric
 (held-out metrics exist only at eval steps; Tune rejects results without the metric the scheduler watches).
-Everything expensive (prepared data, anchors, reference log-probs) was built once on the search driver and
-arrives in ``job``; the trial only trains, into ``<output_dir>/tune/trials/<trial_id>/``.
+The trial resolves its own plan (stage ``trial``) and inputs: what the base config needs was built once on the
+search driver, so those are cache hits; it trains into ``<output_dir>/tune/trials/<trial_id>/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import RunConfig, from_dict, replace
+from pipeline.plan import Layout
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class MetricReportCallback(TuneReportCallback):
 
 
 def trials_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir) / "tune" / "trials"
+    return Layout(Path(cfg.output_dir)).tune / "trials"
 
 
 def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
@@ -44,21 +44,23 @@ def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
     return replace(base, params)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], job: Any, parent_run_id: str | None) -> None:
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], init_model: str, parent_run_id: str | None) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``): train one config, metrics go to Tune."""
     from ray import tune
 
+    from pipeline.plan import plan
+    from pipeline.train.inputs import build_job
     from pipeline.train.trainer import run_training
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base), params)
-    trial_job = dataclasses.replace(job, stage_dir=trials_dir(cfg) / trial_id)
-    log.info("trial %s: %s -> %s", trial_id, params, trial_job.stage_dir)
-    summary_path = trial_job.stage_dir / "summary.json"
+    job = build_job(cfg, plan(cfg, "trial", trial_id=trial_id, model=init_model))
+    log.info("trial %s: %s -> %s", trial_id, params, job.stage_dir)
+    summary_path = job.stage_dir / "summary.json"
     before = json.loads(summary_path.read_text()) if summary_path.exists() else None
     summary = run_training(
         cfg,
-        trial_job,
+        job,
         callbacks=[MetricReportCallback(cfg.tune.metric)],
         mlflow_parent_id=parent_run_id,
         progress=False,

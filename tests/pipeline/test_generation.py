@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -167,13 +169,15 @@ def test_check_rows_names_missing_rows():
         check_rows(["a", "b", "c"], ["a", "c"])
 
 
-def test_default_model_path_is_the_newest_export(tmp_path, tok):
+def test_default_model_path_is_the_current_policy(tmp_path, tok):
+    """The loop's newest round (<out>/model) wins over the SFT export, by the layout's order, not file times."""
     cfg = load_config(None, [f"output_dir={tmp_path}"])
     assert resolve_model_path(cfg) == "tiny"
     model = build_model(ModelConfig(), len(tok))
     sft = save_pretrained(model, tok, tmp_path / "sft" / "model")
     assert resolve_model_path(cfg) == str(sft)
     trained = save_pretrained(model, tok, tmp_path / "model")
+    os.utime(sft / "config.json", (time.time() + 60, time.time() + 60))  # a newer SFT file changes nothing
     assert resolve_model_path(cfg) == str(trained)
     assert resolve_model_path(cfg, str(sft)) == str(sft)
     with pytest.raises(FileNotFoundError):

@@ -100,7 +100,7 @@ def test_attribution_pass_with_uniform_weights_leaves_training_unchanged(stage, 
     pass (shared forward on stages 0-2, separate pass on ZeRO-3) whose weights are replaced by uniform ones."""
     import tidpo.objective
 
-    batches = [collate_pairs(make_rows(4, seed=s), 0) for s in range(3)]
+    batches = [collate_pairs(make_rows(4, seed=s), 0, with_reference=True) for s in range(3)]
     plain_cfg = LossConfig.from_preset("dpo")
     cfg, engine = make_engine(stage, micro=4)
     plain, plain_params, plain_norms = run_steps(engine, cfg, plain_cfg, batches, shared=True)
@@ -129,9 +129,11 @@ def test_accumulation_equals_full_batch(dist_world_one):
     rows = [make_rows(8, seed=10 + s) for s in range(2)]
     loss_cfg = LossConfig.from_preset("paper", gamma=0.0)
     cfg, engine = make_engine(2, micro=8)
-    full, full_params, full_norms = run_steps(engine, cfg, loss_cfg, [collate_pairs(r, 0) for r in rows], shared=True)
+    full, full_params, full_norms = run_steps(
+        engine, cfg, loss_cfg, [collate_pairs(r, 0, with_reference=True) for r in rows], shared=True
+    )
     cfg, engine = make_engine(2, micro=4, accum=2)
-    halves = [collate_pairs(r[i : i + 4], 0) for r in rows for i in (0, 4)]
+    halves = [collate_pairs(r[i : i + 4], 0, with_reference=True) for r in rows for i in (0, 4)]
     acc, acc_params, acc_norms = run_steps(engine, cfg, loss_cfg, halves, shared=True)
     assert len(acc_norms) == len(full_norms) == 2 and min(full_norms) > 0
     assert_close(torch.tensor(acc_norms), torch.tensor(full_norms), atol=1e-5, rtol=1e-4)
@@ -154,7 +156,7 @@ def test_lora_export_merges_adapters(stage, dist_world_one, tmp_path):
     lora = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     cfg = TrainConfig(zero_stage=stage, micro_batch_size=4, warmup_steps=0, num_workers=1, max_grad_norm=1e9)
     engine = init_engine(cfg, lora, total_steps=10, lr=5e-2)
-    batches = [collate_pairs(make_rows(4, seed=s), 0) for s in range(2)]
+    batches = [collate_pairs(make_rows(4, seed=s), 0, with_reference=True) for s in range(2)]
     run_steps(engine, cfg, LossConfig.from_preset("dpo"), batches, shared=stage != 3)
     probe = batches[0]["pair"]["input_ids"]
     with torch.no_grad():
@@ -173,7 +175,7 @@ def test_lora_export_merges_adapters(stage, dist_world_one, tmp_path):
 def test_grad_norm_is_reported_on_every_zero_stage(dist_world_one):
     """The first step's gradient norm is the same on ZeRO 0 (computed by us: DeepSpeed keeps none there), 2 and
     3, and equals the norm of plain PyTorch gradients of the same loss."""
-    batch = collate_pairs(make_rows(4, seed=3), 0)
+    batch = collate_pairs(make_rows(4, seed=3), 0, with_reference=True)
     loss_cfg = LossConfig.from_preset("dpo")
     model = tiny_model()
     preference_step(loss_cfg, StepModels(model), batch).loss.backward()

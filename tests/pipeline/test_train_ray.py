@@ -100,6 +100,7 @@ def test_every_logged_step_reaches_ray_all_reduced(prepared):
     from ray import cloudpickle
     from ray.train import UserCallback
 
+    from pipeline.plan import plan
     from pipeline.train.inputs import build_job
     from pipeline.train.trainer import run_training
 
@@ -127,7 +128,7 @@ def test_every_logged_step_reaches_ray_all_reduced(prepared):
     )
     record = out / "reports.jsonl"
     callback = RecordReports(str(record))
-    job = build_job(cfg, stage_dir=out / "train", init_model="tiny")
+    job = build_job(cfg, plan(cfg, "train", model="tiny"))
     run_training(cfg, job, force=True, callbacks=[callback], progress=False)
     reports = [json.loads(line) for line in record.read_text().splitlines()]
     steps = [r["workers"][0]["step"] for r in reports]
@@ -299,7 +300,9 @@ def _equivalence_worker(config):
     for rows in config["batches"]:
         part = rows[rank * len(rows) // world : (rank + 1) * len(rows) // world]
         obj = preference_step(
-            LossConfig.from_preset("paper", gamma=0.0), StepModels(engine.module), collate_pairs(part, 0)
+            LossConfig.from_preset("paper", gamma=0.0),
+            StepModels(engine.module),
+            collate_pairs(part, 0, with_reference=True),
         )
         engine.backward(obj.loss)
         engine.step()

@@ -43,7 +43,9 @@ def test_precomputed_reference_equals_live_reference(model):
             p.add_(0.01 * torch.randn_like(p))
     cfg = LossConfig.from_preset("paper", gamma=0.0)
     live = preference_step(cfg, StepModels(policy, reference=model), collate_pairs(rows, 0))
-    pre = preference_step(cfg, StepModels(policy), collate_pairs(_with_ref_columns(rows, model), 0))
+    pre = preference_step(
+        cfg, StepModels(policy), collate_pairs(_with_ref_columns(rows, model), 0, with_reference=True)
+    )
     assert_close(pre.losses, live.losses, atol=1e-5, rtol=0)
     for key in ("rewards/chosen", "rewards/rejected", "weights/chosen_entropy"):
         assert_close(pre.metrics[key], live.metrics[key], atol=1e-5, rtol=0)
