@@ -16,9 +16,11 @@ Measurements (``measurements`` in the JSON):
   AdamW on float32 master weights of the ``--dtype`` model (DeepSpeed's bf16 mixed precision: bf16 weights
   and gradients, fp32 master and Adam states, 16 bytes per parameter). Variants ``dpo`` (preset dpo),
   ``weights`` (paper, gamma 0) and ``full`` (paper: weights + triplet), with and without gradient
-  checkpointing, plus ``reference`` (a no-grad forward + ``token_logps``: the cost of precomputing reference
-  log-probs). Median seconds per step over rotated, interleaved repeats; tokens/s of the pair batch; peak memory
-  of the forward + backward above what the weights and optimizer states hold (it includes the gradients).
+  checkpointing; ``weights_separate+gc``, the ZeRO-3 path (``tidpo.attribution_scores`` in its own pass, in eval
+  mode, so without checkpointing, then the training forward); ``reference`` (a no-grad forward +
+  ``token_logps``: the cost of precomputing reference log-probs). Median seconds per step over rotated,
+  interleaved repeats; tokens/s of the pair batch; peak memory of the forward + backward above what the weights
+  and optimizer states hold (it includes the gradients).
   A test checks that this loss equals ``preference_step``'s.
 - ``token_logps``: extra peak memory and time of ``tidpo.token_logps`` against the naive
   ``logits.float().log_softmax(-1).gather(...)`` on bf16 ``logits[:, :-1]`` (as the step slices them), forward
@@ -217,17 +219,21 @@ def _logits(model, pack: dict[str, torch.Tensor]) -> torch.Tensor:
     return call_model(model, model.get_input_embeddings()(pack["input_ids"]), pack["attention_mask"])
 
 
-def preference_objective(cfg: LossConfig, model, batch: dict):
-    """The loss of one micro-batch as ``pipeline.train.step.preference_step`` composes it (shared-forward
-    attribution, precomputed reference log-probs, triplet anchors); ``tidpo.Objective`` out."""
+def preference_objective(cfg: LossConfig, model, batch: dict, *, shared_attribution: bool = True):
+    """The loss of one micro-batch as ``pipeline.train.step.preference_step`` composes it (attribution from the
+    shared forward, or its own pass as under ZeRO-3; precomputed reference log-probs; triplet anchors)."""
     pair, B = batch["pair"], batch["num_pairs"]
     ids, attention, ref = pair["input_ids"], pair["attention_mask"], pair["ref_token_logps"]
     kwargs = {"ref_chosen_token_logps": ref[:B], "ref_rejected_token_logps": ref[B:]}
-    if cfg.weighting == "attribution":
+    if cfg.weighting == "attribution" and shared_attribution:
         logits, scores = forward_with_attribution(model, ids, attention)  # one forward, shared graph
-        kwargs["chosen_scores"], kwargs["rejected_scores"] = scores[:B, 1:], scores[B:, 1:]
-    else:
+    elif cfg.weighting == "attribution":
+        scores = attribution_scores(model, ids, attention)  # its own pass, in eval mode
         logits = _logits(model, pair)
+    else:
+        logits, scores = _logits(model, pair), None
+    if scores is not None:
+        kwargs["chosen_scores"], kwargs["rejected_scores"] = scores[:B, 1:], scores[B:, 1:]
     policy = token_logps(logits[:, :-1], ids[:, 1:])
     if cfg.uses_triplet:
         anchor = batch["anchor"]
@@ -268,9 +274,11 @@ class MasterAdamW:
             m.grad = None
 
 
-def _forward_backward(model, opt: MasterAdamW, cfg: LossConfig, batch: dict) -> torch.Tensor:
+def _forward_backward(model, opt: MasterAdamW, key: str, batch: dict) -> torch.Tensor:
     opt.zero_grad()
-    obj = preference_objective(cfg, model, batch)
+    name = key.removesuffix("+gc")
+    cfg = VARIANTS[name.removesuffix("_separate")]
+    obj = preference_objective(cfg, model, batch, shared_attribution=not name.endswith("_separate"))
     obj.loss.backward()
     return obj.loss.detach()
 
@@ -291,7 +299,8 @@ def measure_train_step(args, device: torch.device, dtype: torch.dtype, budget: B
     n_params = sum(p.numel() for p in model.parameters())
     pair_tokens = int(batch["pair"]["attention_mask"].sum())
     anchor_tokens = int(batch["anchor"]["attention_mask"].sum())
-    keys = [f"{v}{gc}" for gc in ("", "+gc") for v in VARIANTS] + ["reference"]
+    # weights_separate+gc: the ZeRO-3 path (attribution in its own pass, which runs in eval mode: no checkpointing)
+    keys = [f"{v}{gc}" for gc in ("", "+gc") for v in VARIANTS] + ["weights_separate+gc", "reference"]
     first_loss, memory, times = {}, {}, {k: [] for k in keys}
 
     def run(key: str, meter: PeakMeter | None = None) -> float:
@@ -304,7 +313,7 @@ def measure_train_step(args, device: torch.device, dtype: torch.dtype, budget: B
         with meter or contextlib.nullcontext():
             if key == "reference":
                 return _reference_pass(model, batch)
-            loss = _forward_backward(model, opt, VARIANTS[key.removesuffix("+gc")], batch)
+            loss = _forward_backward(model, opt, key, batch)
         opt.step()
         return loss
 
@@ -564,7 +573,7 @@ def print_summary(results: dict) -> None:
         mem = step["memory"][key]["fwd_bwd_peak_extra_mib"]
         ratio = step["ratio_vs_dpo"].get(key, 1.0)
         tokens = step["tokens_per_s"][key]
-        print(f"{key:<12}{seconds * 1e3:>10.1f} ms {tokens:>12.0f} tok/s {ratio:>6.2f}x {mem:>10} MiB")
+        print(f"{key:<20}{seconds * 1e3:>10.1f} ms {tokens:>12.0f} tok/s {ratio:>6.2f}x {mem:>10} MiB")
     if "chunked_over_naive" in m.get("token_logps", {}):
         print(f"token_logps peak chunked/naive: {m['token_logps']['chunked_over_naive']}")
     if "float32" in m.get("attribution", {}):

@@ -13,7 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-STEP_KEYS = {"dpo", "weights", "full", "dpo+gc", "weights+gc", "full+gc", "reference"}
+STEP_KEYS = {"dpo", "weights", "full", "dpo+gc", "weights+gc", "full+gc", "weights_separate+gc", "reference"}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,8 @@ def test_structure_and_sane_values(gpu_check, tiny_results: dict) -> None:
     assert all(v > 0 for v in mem.values())
     assert mem["full"] > mem["dpo"]  # the anchor forward keeps its activations too
     assert mem["full+gc"] < mem["full"]  # gradient checkpointing drops the layers' activations
+    # ZeRO-3's separate attribution pass runs in eval mode, where transformers skips checkpointing
+    assert mem["weights_separate+gc"] > mem["weights+gc"]
 
     logps = m["token_logps"]
     assert set(logps["results"]) == {"fwd/chunked", "fwd/naive", "fwdbwd/chunked", "fwdbwd/naive"}
@@ -93,9 +95,10 @@ def test_loss_is_the_pipeline_step_loss(gpu_check) -> None:
     model = gpu_check.build_model(gpu_check.TINY, cpu, torch.float32)
     batch = gpu_check.make_batch(gpu_check.TINY["vocab_size"], 3, 10, 12, cpu, seed=3)
     for name, cfg in gpu_check.VARIANTS.items():
-        ours = gpu_check.preference_objective(cfg, model, batch).loss
-        theirs = preference_step(cfg, StepModels(policy=model), batch).loss
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+        for shared in (True, False):
+            ours = gpu_check.preference_objective(cfg, model, batch, shared_attribution=shared).loss
+            theirs = preference_step(cfg, StepModels(policy=model, shared_attribution=shared), batch).loss
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=f"{name} shared={shared}")
 
 
 def test_a_failing_measurement_is_recorded_and_the_rest_run(gpu_check, tmp_path: Path, monkeypatch) -> None:
