@@ -1,0 +1,92 @@
+"""The cluster files (``cluster/``), the placement keys and the figures of ``docs/SCALING.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+RUN_CONFIGS = sorted(p for p in CLUSTER.glob("*.yaml") if "output_dir" in yaml.safe_load(p.read_text()))
+SCALING = (ROOT / "docs" / "SCALING.md").read_text()
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_run_configs_load_and_say_how_to_run(path: Path) -> None:
+    submit = "# ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m pipeline run"
+    assert path.read_text().startswith(f"{submit} cluster/{path.name}\n")
+    cfg = load_config(path)
+    assert cfg.train.use_gpu and cfg.train.bf16 and cfg.train.gradient_checkpointing
+    assert cfg.train.resources_per_worker and cfg.generation.resources  # placed by custom resources
+    assert cfg.output_dir.startswith("/mnt/shared/")  # storage every node sees
+
+
+def test_ray_cluster_config_is_valid_and_advertises_the_placement_resources() -> None:
+    pytest.importorskip("ray")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(cluster))  # Ray's own JSON schema
+    advertised = {name for t in cluster["available_node_types"].values() for name in t["resources"]}
+    wanted = set()
+    for path in RUN_CONFIGS:
+        cfg = load_config(path)
+        wanted |= set(cfg.train.resources_per_worker) | set(cfg.generation.resources)
+    assert wanted and wanted <= advertised
+
+
+def test_placement_keys_validate() -> None:
+    cfg = load_config(None, ["train.placement_strategy=SPREAD", "train.resources_per_worker={node_a: 0.5}"])
+    assert cfg.train.placement_strategy == "SPREAD" and cfg.train.resources_per_worker == {"node_a": 0.5}
+    assert load_config(None, ["generation.resources={node_b: 0.01}"]).generation.resources == {"node_b": 0.01}
+    assert load_config(None).train.placement_strategy == "PACK" and load_config(None).generation.resources == {}
+    for bad, key in [
+        ("train.placement_strategy=ANYWHERE", "train.placement_strategy"),
+        ("train.resources_per_worker={GPU: 1}", "train.resources_per_worker.GPU"),
+        ("generation.resources={node_b: -1}", "generation.resources.node_b"),
+        ("generation.resources={node_b: lots}", "generation.resources.node_b"),
+        ("generation.resources=node_b", "generation.resources"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [bad])
+
+
+def _llama_params(h: int, layers: int, heads: int, kv_heads: int, f: int, vocab: int, tied: bool) -> int:
+    h_kv = kv_heads * (h // heads)
+    return layers * (2 * h * h + 2 * h * h_kv + 3 * h * f + 2 * h) + vocab * h * (1 if tied else 2) + h
+
+
+def test_scaling_figures_reproduce() -> None:
+    """The parameter counts and DeepSpeed's own ZeRO estimates quoted in docs/SCALING.md."""
+    p1b = _llama_params(2048, 16, 32, 8, 8192, 128256, tied=True)
+    p8b = _llama_params(4096, 32, 32, 8, 14336, 128256, tied=False)
+    p70b = _llama_params(8192, 80, 64, 8, 28672, 128256, tied=False)
+    for p in (p1b, p8b, p70b):
+        assert f"{p:,}" in SCALING
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    gib = 2**30
+
+    def z3(p: int, largest: int, nodes: int, offload: bool = False) -> tuple[float, float]:
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            p, largest, num_gpus_per_node=8, num_nodes=nodes, cpu_offload=offload, cpu_offload_params=False
+        )
+        return round(gpu / gib, 1), round(cpu / gib, 1)
+
+    def z2(p: int, nodes: int) -> float:
+        return round(estimate_zero2_model_states_mem_needs(p, 8, nodes, cpu_offload=False)[1] / gib, 1)
+
+    assert z3(p8b, 4096 * 128256, 1) == (18.8, pytest.approx(23.5))
+    assert z3(p8b, 4096 * 128256, 1, offload=True) == (3.8, 179.5)
+    assert z3(p70b, 8192 * 128256, 4)[0] == 40.9
+    assert z3(p70b, 8192 * 128256, 8)[0] == 22.4
+    assert z3(p70b, 8192 * 128256, 8, offload=True) == (6.0, 197.1)
+    assert (z2(p8b, 1), z2(p70b, 4), z2(p70b, 8)) == (31.8, 168.4, 149.9)
+    for figure in ("18.8 GiB", "3.8 GiB", "179.5 GiB", "40.9 GiB", "22.4 GiB", "197.1 GiB", "31.8 GiB", "149.9 GiB"):
+        assert figure in SCALING
