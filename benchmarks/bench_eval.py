@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation.benchmarks import run_benchmark, sandbox_capabilities
+from evaluation.benchmarks import run_benchmark, sandbox_info
 from evaluation.benchmarks.humaneval import evaluate_humaneval, load_humaneval
 
 
@@ -26,7 +26,7 @@ def _timed(name: str, fn) -> None:
 
 def main(data: Path) -> None:
     """Run the three timings on ``data`` (the ``shared/data`` folder)."""
-    print(json.dumps({"sandbox": sandbox_capabilities()}))
+    print(json.dumps({"sandbox": sandbox_info()}))
     _timed("ifeval", lambda: run_benchmark("ifeval", data / "ifeval/input_data.jsonl", generate=list))
     items = load_humaneval(data / "humaneval/HumanEval.jsonl.gz")
     canonical = [[item.canonical_solution] for item in items]

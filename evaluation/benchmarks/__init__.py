@@ -29,7 +29,7 @@ from evaluation.benchmarks.gsm8k import evaluate_gsm8k, load_gsm8k
 from evaluation.benchmarks.humaneval import evaluate_humaneval, load_humaneval, pass_at_k
 from evaluation.benchmarks.ifeval import evaluate_ifeval, load_ifeval, score_ifeval
 from evaluation.benchmarks.mmlu import evaluate_mmlu, load_mmlu
-from evaluation.benchmarks.sandbox import SandboxLimits, run_program, sandbox_capabilities
+from evaluation.benchmarks.sandbox import SandboxLimits, SandboxUnavailable, run_program, sandbox_info
 from evaluation.benchmarks.truthfulqa import evaluate_truthfulqa, load_truthfulqa
 
 BENCHMARKS: dict[str, tuple[Callable[..., list], Callable[..., dict], str]] = {
@@ -72,6 +72,7 @@ __all__ = [
     "GenerateFn",
     "LoglikFn",
     "SandboxLimits",
+    "SandboxUnavailable",
     "evaluate_gsm8k",
     "evaluate_humaneval",
     "evaluate_ifeval",
@@ -85,6 +86,6 @@ __all__ = [
     "pass_at_k",
     "run_benchmark",
     "run_program",
-    "sandbox_capabilities",
+    "sandbox_info",
     "score_ifeval",
 ]

@@ -3,8 +3,11 @@
 Data: ``HumanEval.jsonl.gz`` rows with ``task_id``, ``prompt``, ``entry_point``, ``canonical_solution`` and
 ``test``. A sample is the completion of the prompt; the program run is, as in openai/human-eval,
 ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``, executed in :mod:`sandbox` (untrusted
-code: separate process, limits, no network, fresh folder, empty environment). A sample passes when that
-program runs to completion.
+code: a bubblewrap sandbox by default; ``sandbox="unsafe-local"`` is the explicit opt-out, and without
+bubblewrap evaluation refuses). A sample passes when that program runs to completion. The results carry the
+sandbox mode, per-sample guard ``flags`` (frame introspection, refused operations) and ``num_flagged``.
+A known weakness of HumanEval itself remains: a completion returning an object whose ``__eq__`` is always
+true passes ``assert candidate(x) == y`` checks.
 
 pass@k (unbiased estimator, Chen et al. 2021 eq. 1) for a problem with ``n`` samples of which ``c`` pass:
 ``1 - C(n-c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k / i)`` (no large binomials);
@@ -28,7 +31,7 @@ from evaluation.benchmarks.common import (
     mean,
     require_fields,
 )
-from evaluation.benchmarks.sandbox import SandboxLimits, run_programs, sandbox_capabilities
+from evaluation.benchmarks.sandbox import SandboxLimits, run_programs, sandbox_info
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n@")
 """Codex-paper stop sequences: a completion is cut at the first top-level statement after the function."""
@@ -105,6 +108,7 @@ def evaluate_humaneval(
     limits: SandboxLimits | None = None,
     workers: int = 2,
     limit: int | None = None,
+    sandbox: str = "bwrap",
 ) -> dict[str, Any]:
     """pass@k over problems and per-problem records (completions, statuses, failure reasons).
 
@@ -114,7 +118,10 @@ def evaluate_humaneval(
         ks: the k of each reported ``pass@k``; each must be <= n_samples.
         stop_sequences: completions are truncated at the first of these (``()`` keeps them whole).
         limits, workers: sandbox limits (default :class:`SandboxLimits`) and programs run at once.
+        sandbox: ``"bwrap"`` (isolation; raises :class:`SandboxUnavailable` where it cannot be had) or
+            ``"unsafe-local"`` (the host user, rlimits and the in-process guard only).
     """
+    info = sandbox_info(sandbox)  # refuse before generating anything
     items = apply_limit(items, limit)
     if completions is not None and limit is not None:
         completions = completions[: len(items)]
@@ -123,7 +130,7 @@ def evaluate_humaneval(
     raw = _samples(items, generate, completions, n_samples)
     samples = [[truncate_completion(c, stop_sequences) for c in row] for row in raw]
     programs = [build_program(item, c) for item, row in zip(items, samples) for c in row]
-    results = run_programs(programs, limits or SandboxLimits(), workers=workers)
+    results = run_programs(programs, limits or SandboxLimits(), workers=workers, mode=sandbox)
     records = []
     for i, item in enumerate(items):
         own = results[i * n_samples : (i + 1) * n_samples]
@@ -133,6 +140,7 @@ def evaluate_humaneval(
             "completions": samples[i],
             "statuses": [r.status for r in own],
             "reasons": [r.reason for r in own],
+            "flags": [list(r.flags) for r in own],
             "num_correct": passed,
             **{f"pass@{k}": pass_at_k(n_samples, passed, k) for k in ks},
         })  # fmt: skip
@@ -143,6 +151,7 @@ def evaluate_humaneval(
         "num_problems": len(records),
         "n_samples": n_samples,
         "num_timeouts": statuses.count("timeout"),
-        "sandbox": dict(sandbox_capabilities()),
+        "num_flagged": sum(bool(r.flags) for r in results),
+        "sandbox": info,
         "records": records,
     }

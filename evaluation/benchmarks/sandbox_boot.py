@@ -1,32 +1,53 @@
-"""Boot code of the sandboxed child process (run as ``python -I -c <this file's text> LIMITS...``).
+"""Boot code of the sandboxed child (run as ``python -I -S -c <this file's text> LIMITS...``).
 
-Runs inside the child before the untrusted program: it reads a one-time token from stdin, sets hard resource
-limits (soft = hard, so the program cannot raise them), installs Python-level guards, then executes
-``program.py`` from the working folder as ``__main__``. It prints the token on the last stdout line only if
-the program finished without raising, so an early ``sys.exit(0)`` or ``os._exit(0)`` is not a pass.
+Runs inside the sandbox before the untrusted program and is the only trusted code there. In order:
 
-The guards are a seatbelt, not a jail: code that reaches the C level (``posix.fork``, ``_socket``, ``ctypes``)
-can bypass them. The kernel-level limits (rlimits, network namespace, dropped uid; see ``sandbox.py``) are
-what hold in that case. This module must not import anything from the project: it runs with ``-I``.
+1. reads a one-time token from stdin (kept in a local of :func:`main`, see below);
+2. as root inside the bubblewrap sandbox (which left it only ``CAP_SETUID``/``CAP_SETGID``), switches to the
+   run's fresh uid: every capability is gone after that;
+3. sets hard resource limits (soft = hard, so the program cannot raise them);
+4. installs an audit hook (:func:`sys.addaudithook`; Python code cannot remove one) that refuses process
+   creation, signals to other processes, sockets, writes outside the writable folders, ``ctypes``, trace and
+   profile functions, the garbage collector's object walks and other threads' frames, and records frame
+   introspection done by the program's own code (``sys._getframe``, ``tb_frame``, ``gi_frame``, ...);
+5. runs ``program.py`` in a new thread started from C (``_thread.start_new_thread`` on ``deque(map(exec,
+   ...))``), so no frame of this boot code is below the program's frames: ``f_back`` ends at the program;
+6. the main thread waits; only when the program's code object returned does the next code object (run by the
+   same ``map``, in a namespace the program never sees) release the lock it waits on. Then the main thread
+   prints the token, ``done`` and the recorded flags as the last stdout line and exits 0. If the program's
+   thread ends another way (an exception, ``SystemExit``), it prints the token, ``raised`` and the flags and
+   exits 1.
+
+The token lives only in the main thread's frame, which the program can reach only through the refused calls
+(``sys._current_frames``, ``gc.get_objects``, ``ctypes``). What the guard cannot stop is code that reaches
+the C level another way (a compiled extension written to ``/tmp``): the bubblewrap sandbox (``sandbox.py``)
+is what holds then. This module must not import anything from the project: it runs with ``-I -S``.
 """
 
 import sys
 
+FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
+REFUSED_EVENTS = frozenset({
+    "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
+    "os.setsid", "os.setpgid", "os.killpg", "subprocess.Popen", "pty.spawn",
+    "socket.__new__", "socket.bind", "socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+    "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "ctypes.addressof",
+    "cpython._PySys_ClearAuditHooks", "cpython.run_command", "code.__new__",
+})  # fmt: skip
+"""Audit events the guard refuses outright (the program gets a PermissionError)."""
+REFUSED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_socket", "socket", "_xxsubinterpreters"})
+PATH_EVENTS = frozenset({
+    "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link", "os.symlink",
+    "os.truncate", "os.utime", "os.chflags", "os.lchflags", "os.mkfifo", "os.mknod", "shutil.rmtree",
+})  # fmt: skip
 
-def _refuse(what):
-    """A replacement function that raises PermissionError naming the refused operation."""
 
-    def refused(*args, **kwargs):
-        raise PermissionError(f"sandbox: {what} refused")
-
-    return refused
-
-
-def _set_limits(argv):
+def _set_limits(memory, nproc, fsize, nofile, cpu):
     """Hard rlimits: address space, processes, file size, open files, CPU seconds, no core dumps."""
     import resource
 
-    memory, nproc, fsize, nofile, cpu = (int(x) for x in argv)
     for name, value in (
         ("RLIMIT_AS", memory),
         ("RLIMIT_NPROC", nproc),
@@ -38,106 +59,130 @@ def _set_limits(argv):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def _install_write_guard(root):
-    """Refuse opening for writing, creating, removing or renaming any path outside ``root``."""
-    import builtins
-    import io
+def _drop_to(uid):
+    """setresgid/setresuid to ``uid`` with no groups: the kernel clears every capability on the way."""
     import os
+
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid:  # pragma: no cover - the kernel refused
+        raise SystemExit("sandbox: could not switch to the run's uid")
+
+
+def _make_hook(writable, flags):
+    """The audit hook: refuse what :data:`REFUSED_EVENTS` names, guard writes and signals, record introspection.
+
+    ``writable`` are the folders writes may go to; ``flags`` (a list) collects what was recorded.
+    """
+    import os
+
+    own_pid = os.getpid()
+    write_bits = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    realpath, fsdecode, getframe = os.path.realpath, os.fsdecode, sys._getframe
+    busy = [False]
 
     def inside(path):
         if isinstance(path, int):
             return True  # an already-open file descriptor
-        real = os.path.realpath(os.fsdecode(os.fspath(path)))
-        return real == root or real.startswith(root + os.sep)
+        real = realpath(fsdecode(path))
+        return any(real == root or real.startswith(root + "/") for root in writable)
 
-    def check(path):
-        if not inside(path):
-            raise PermissionError(f"sandbox: writing outside the working folder refused: {path!r}")
+    def refuse(flag, what=None):
+        note(f"refused:{flag}")
+        raise PermissionError(f"sandbox: {what or flag.replace(':', ' ')} refused")
 
-    real_open, real_os_open = builtins.open, os.open
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def note(flag):
+        if flag not in flags and len(flags) < 16:
+            flags.append(flag)
 
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+"):
-            check(file)
-        return real_open(file, mode, *args, **kwargs)
+    def from_program():
+        """Whether the Python code that raised the event is the program's own (not the stdlib's)."""
+        if busy[0]:
+            return False
+        busy[0] = True
+        try:
+            caller = getframe(2)  # 0: this function, 1: the hook, 2: the code that raised the event
+            return caller.f_code.co_filename == "program.py"
+        finally:
+            busy[0] = False
 
-    def guarded_os_open(path, flags, *args, **kwargs):
-        if flags & write_flags:
-            check(path)
-        return real_os_open(path, flags, *args, **kwargs)
-
-    def path_guard(fn):
-        def guarded(*args, **kwargs):
+    def hook(event, args):
+        if busy[0]:
+            return
+        if event in REFUSED_EVENTS:
+            refuse(event)
+        elif event == "import" and args[0].partition(".")[0] in REFUSED_IMPORTS:
+            refuse(f"import:{args[0]}")
+        elif event == "open" and not isinstance(args[0], int):
+            mode, oflags = args[1] or "", args[2] or 0
+            if (any(c in mode for c in "wax+") or oflags & write_bits) and not inside(args[0]):
+                refuse("open-for-writing", f"writing {fsdecode(args[0])[:80]!r}")
+        elif event in PATH_EVENTS:
             for arg in args[:2]:
-                if isinstance(arg, (str, bytes)) or hasattr(arg, "__fspath__"):
-                    check(arg)
-            return fn(*args, **kwargs)
+                if isinstance(arg, (str, bytes)) and not inside(arg):
+                    refuse(event, f"{event} outside the writable folders")
+        elif event == "os.kill" and args[0] != own_pid:
+            refuse(event, "signalling another process")
+        elif event == "sys._getframe" and from_program():
+            note("introspection:sys._getframe")
+        elif event == "object.__getattr__" and args[1] in FRAME_ATTRIBUTES and from_program():
+            note(f"introspection:{args[1]}")
 
-        return guarded
-
-    builtins.open = io.open = guarded_open
-    os.open = guarded_os_open
-    for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "mkdir",
-                 "makedirs", "chmod", "chown", "lchown", "link", "symlink", "truncate", "utime", "mkfifo",
-                 "mknod"):  # fmt: skip
-        if hasattr(os, name):
-            setattr(os, name, path_guard(getattr(os, name)))
-
-
-def _install_process_and_network_guard():
-    """Refuse new processes, signals to other processes, leaving the session, and sockets."""
-    import _posixsubprocess
-    import _socket
-    import os
-
-    for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "setsid", "setpgid",
-                 "killpg", "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
-                 "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe"):  # fmt: skip
-        if hasattr(os, name):
-            setattr(os, name, _refuse(f"os.{name}"))
-    _posixsubprocess.fork_exec = _refuse("subprocess")
-    real_kill, own_pid = os.kill, os.getpid()
-
-    def guarded_kill(pid, sig):
-        if pid != own_pid:
-            raise PermissionError("sandbox: signalling other processes refused")
-        return real_kill(pid, sig)
-
-    os.kill = guarded_kill
-
-    class NoSocket(_socket.socket):
-        __slots__ = ()  # so that socket.socket can still declare its own __weakref__ slot
-
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("sandbox: network access refused")
-
-    _socket.socket = _socket.SocketType = NoSocket
-    _socket.socketpair = _refuse("socketpair")
+    return hook
 
 
 def main():
-    """Limits, guards, then run ``program.py``; print the token last only when it ran to completion."""
-    import builtins
+    """Token, uid, limits, guard; then run ``program.py`` in its own thread and report completion."""
+    import _thread
     import os
-    import traceback
+    from collections import deque
 
     token = sys.stdin.readline().strip()
-    _set_limits(sys.argv[1:6])
+    memory, nproc, fsize, nofile, cpu, uid, guard = (int(x) for x in sys.argv[1:8])
+    writable = sys.argv[8:]
+    for name in list(os.environ):  # bubblewrap's --chdir sets PWD; the program gets an empty environment
+        del os.environ[name]
+    if uid >= 0:
+        _drop_to(uid)
+    _set_limits(memory, nproc, fsize, nofile, cpu)
     with open("program.py", encoding="utf-8") as handle:
         source = handle.read()
-    _install_write_guard(os.path.realpath(os.getcwd()))
-    _install_process_and_network_guard()
-    namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": "program.py"}
-    try:
-        exec(compile(source, "program.py", "exec"), namespace)  # the untrusted program
-    except BaseException:  # noqa: B036 - SystemExit and KeyboardInterrupt are failures too
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.write("\n" + token + "\n")
-    sys.stdout.flush()
-    os._exit(0)
+    program = compile(source, "program.py", "exec")
+    flags = []
+    if guard:
+        sys.addaudithook(_make_hook([os.path.realpath(w) for w in writable], flags))
+    started, done = _thread.allocate_lock(), _thread.allocate_lock()
+    started.acquire()
+    done.acquire()
+    signal = compile("lock.release()", "<sandbox>", "exec")
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "program.py"}
+    # map() calls exec on `signal` (the thread runs), then the program, then (only if that returned) `signal`
+    # again, each in a namespace of its own; deque(..., 0) drains it from C: no Python frame of ours sits
+    # below the program's, and the program's namespace holds neither lock.
+    codes, namespaces = (signal, program, signal), ({"lock": started}, namespace, {"lock": done})
+    _thread.stack_size(16 << 20)
+    _thread.start_new_thread(deque, (map(exec, codes, namespaces), 0))
+    started.acquire()  # from here on the thread is counted by _thread._count()
+    while not done.acquire(timeout=0.01):
+        if _thread._count() == 0:  # the thread ended: it released `done` just now (look again) or it raised
+            completed = done.acquire(blocking=False)
+            break
+    else:
+        completed = True
+    _report(token, "done" if completed else "raised", flags)
+    os._exit(0 if completed else 1)
+
+
+def _report(token, outcome, flags):
+    """The last stdout line: ``<token> <done|raised> <flag,flag,...>`` (only the host knows the token)."""
+    import contextlib
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # the program closed or broke it
+            stream.flush()
+    os.write(1, f"\n{token} {outcome} {','.join(flags)}\n".encode())
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_hostile_completions_fail_and_the_run_goes_on():
     hostile = [
         "    while True:\n        pass\n",
         "    import posix\n    while True:\n        posix.fork()\n",
-        "    open('/tmp/tidpo_humaneval_escape.txt', 'w').write('x')\n    return a + b\n",
+        "    open('/var/tmp/tidpo_humaneval_escape.txt', 'w').write('x')\n    return a + b\n",
         "    import socket\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n",
         "    x = bytearray(10**10)\n",
         "    return n % 2 == 0\n",
@@ -103,3 +103,23 @@ def test_real_canonical_solutions_all_pass(shared_data):
     failures = [(r["task_id"], r["reasons"]) for r in result["records"] if r["num_correct"] == 0]
     assert len(items) == 164 and failures == [] and result["pass@1"] == 1.0
     assert elapsed < 60.0, f"took {elapsed:.1f} s"
+
+
+def test_without_the_sandbox_humaneval_refuses_before_generating(tmp_path, monkeypatch):
+    from evaluation.benchmarks import SandboxUnavailable
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on PATH
+    calls = []
+    with pytest.raises(SandboxUnavailable, match=r"eval\.sandbox=unsafe-local"):
+        run_benchmark("humaneval", FIXTURE, generate=lambda prompts: calls.append(prompts) or prompts)
+    assert calls == []  # refused before any generation or execution
+
+
+def test_the_sandbox_mode_and_flags_are_in_the_results():
+    items = load_humaneval(FIXTURE)
+    peek = "    import sys\n    sys._getframe()\n    return a + b\n"
+    result = evaluate_humaneval(items, completions=[[peek], [items[1].canonical_solution]])
+    assert result["sandbox"]["mode"] == "bwrap" and result["pass@1"] == 1.0
+    assert result["records"][0]["flags"] == [["introspection:sys._getframe"]] and result["num_flagged"] == 1
+    unsafe = evaluate_humaneval(items, completions=[[i.canonical_solution] for i in items], sandbox="unsafe-local")
+    assert unsafe["sandbox"]["mode"] == "unsafe-local" and unsafe["pass@1"] == 1.0
