@@ -5,6 +5,8 @@ Nothing here knows the run config's sections: ``pipeline.config`` holds those an
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -12,9 +14,69 @@ from typing import Any, Literal
 
 import yaml
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused (configs are a few kB)."""
+MAX_YAML_NODES = 100_000
+"""Nodes a YAML document may expand to, aliases counted at every use (an alias bomb expands to billions)."""
+
 
 class ConfigError(ValueError):
     """A bad key, value or file in a configuration; the message names it."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose booleans are only ``true``/``false`` (any case): YAML 1.1 also reads ``yes``,
+    ``no``, ``on`` and ``off`` as booleans, so ``trust_remote_code=yes`` would switch a safety option on."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
+    """Nodes of ``node`` with every alias expanded (memoised: the graph stays small while its expansion
+    explodes); stops counting past ``limit``."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # a node reached again while being counted is a cycle: too big
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo, limit)
+        if total > limit:
+            break
+    memo[id(node)] = total
+    return total
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse one YAML document with strict booleans, refusing alias bombs; errors are one line naming ``where``."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES} nodes (an alias bomb?)")
+        return None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {_one_line(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -67,7 +129,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{path}: {value} is out of range for a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -105,10 +173,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"bad override {item!r}: expected dotted.key=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"bad override {item!r}: {exc}") from exc
+    value = load_yaml_text(text, f"override {key.strip()}") if text.strip() else ""
     return key.strip().split("."), value
 
 
@@ -134,14 +199,22 @@ def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors naming the file."""
+    """Read a YAML mapping; a missing, oversized, non-UTF-8 or invalid file is a one-line error naming it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+        with p.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; a config file is a few kB of YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    data = load_yaml_text(text, str(p))
     if data is None:
         return {}
     if not isinstance(data, dict):

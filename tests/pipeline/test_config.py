@@ -149,3 +149,80 @@ def test_help_everywhere(capsys):
             main(cmd)
         assert exit_.value.code == 0
     assert "dotted.key=value" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-inf", ".inf", "1e999", "-.INF"])
+def test_non_finite_floats_are_rejected(value):
+    with pytest.raises(ConfigError, match=r"loss\.beta: expected a finite number"):
+        load_config(None, [f"loss.beta={value}"])
+
+
+def test_an_integer_beyond_the_float_range_is_rejected():
+    with pytest.raises(ConfigError, match=r"loss\.beta: .* out of range"):
+        load_config(None, ["loss.beta=" + "9" * 400])
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "on", "off", "y", "Yes", "ON", "1", "0"])
+def test_booleans_are_only_true_or_false(value, tmp_path):
+    with pytest.raises(ConfigError, match="model.trust_remote_code: expected true/false"):
+        load_config(None, [f"model.trust_remote_code={value}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  trust_remote_code: {value}\n")
+    with pytest.raises(ConfigError, match="model.trust_remote_code: expected true/false"):
+        load_config(path)
+    for text in ("true", "True", "FALSE"):
+        assert load_config(None, [f"model.trust_remote_code={text}"]).model.trust_remote_code is (text[0] in "tT")
+    # a string key may hold a word that YAML 1.1 would have made a boolean
+    assert load_config(None, ["tracking.run_name=on"]).tracking.run_name == "on"
+
+
+def _one_line_error(path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  run: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8 text (byte 0xe9 at offset 17)" in _one_line_error(path)
+
+
+def test_a_file_too_large_is_one_line(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"# " + b"x" * (2 << 20) + b"\n")
+    assert "larger than 1048576 bytes" in _one_line_error(path)
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    assert "expands to more than 100000 nodes" in _one_line_error(path)
+    assert time.perf_counter() - start < 2.0
+    # anchors and merge keys of ordinary size still work
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base: &b {max_steps: 3}\ntrain:\n  <<: *b\n")
+    with pytest.raises(ConfigError, match="unknown config key: base"):
+        load_config(ok)
+
+
+@pytest.mark.parametrize("text", ["train: [1, 2\n", "train:\n  a: 1\n b: 2\n", "[" * 20000 + "\n"])
+def test_invalid_yaml_is_one_line(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert "bad.yaml" in _one_line_error(path)
+
+
+def test_cli_shows_hostile_files_as_one_line(capsys, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"loss:\n  beta: \xff\n")
+    assert main(["config", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not UTF-8" in err
