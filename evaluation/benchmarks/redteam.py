@@ -24,6 +24,7 @@ import socket
 import stat
 import string
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -420,8 +421,7 @@ ATTACKS: tuple[Attack, ...] = (
 # Running the suite.
 
 
-def leftover_processes(sandbox: ModuleType) -> list[int]:
-    """Sandboxed processes still alive: a run's uid (as root) or the boot code on a command line of ours."""
+def _live_sandboxed(sandbox: ModuleType) -> list[int]:
     if os.geteuid() == 0:
         return sandbox.pids_of_uids(sandbox.UID_BASE, sandbox.UID_BASE + 999_999)
     pids = []
@@ -430,7 +430,18 @@ def leftover_processes(sandbox: ModuleType) -> list[int]:
             path = Path("/proc", entry)
             mine = entry.isdigit() and path.stat().st_uid == os.getuid()
             if mine and BOOT_MARKER.encode() in (path / "cmdline").read_bytes():
-                pids.append(int(entry))
+                state = (path / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry))
+    return pids
+
+
+def leftover_processes(sandbox: ModuleType, *, grace_s: float = 2.0) -> list[int]:
+    """Sandboxed processes still alive ``grace_s`` after a run (the kernel tears a PID namespace down
+    asynchronously): a run's uid (as root), or the boot code on a command line of this user's."""
+    deadline = time.monotonic() + grace_s
+    while (pids := _live_sandboxed(sandbox)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return pids
 
 
@@ -509,3 +520,40 @@ def is_world_traversable(path: str) -> bool:
     """Whether every folder on the way to ``path`` lets other users through (for an unprivileged run)."""
     p = Path(path).resolve()
     return all(q.stat().st_mode & stat.S_IXOTH for q in [p, *p.parents] if q.is_dir())
+
+
+RUNNER = r"""
+import importlib.util, json, sys
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+sandbox, redteam = load("tidpo_sandbox", sys.argv[1]), load("tidpo_redteam", sys.argv[2])
+try:
+    sandbox.sandbox_info("bwrap")
+    outcomes = redteam.run_suite(sandbox, guard=sys.argv[3] == "1")
+    situation = "ran"
+except sandbox.SandboxUnavailable as exc:
+    outcomes, situation = redteam.refused_suite(sandbox), str(exc)
+print(json.dumps({"situation": situation, "outcomes": [o.__dict__ for o in outcomes]}))
+"""
+"""Runs the suite in a separate interpreter (``RUNNER SANDBOX_PY REDTEAM_PY GUARD``), printing JSON."""
+
+
+def unprivileged_command(user: int = 65534) -> list[str] | None:
+    """A command prefix that runs :data:`RUNNER` as ``user`` under an interpreter that user can execute, or
+    None where that cannot be arranged (not root, no ``setpriv``, no interpreter outside 0700 folders)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        return None
+    here = Path(__file__).resolve().parent
+    candidates = [os.path.realpath(p) for p in (sys.executable, "/usr/bin/python3") if p and os.path.exists(p)]
+    python = next((p for p in candidates if is_world_traversable(p)), None)
+    if python is None or not is_world_traversable(str(here / "sandbox.py")):
+        return None
+    prefix = [setpriv, f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"]
+    return [*prefix, python, "-I", "-S", "-c", RUNNER, str(here / "sandbox.py"), str(here / "redteam.py")]

@@ -151,7 +151,7 @@ def _bwrap_command(bwrap: str, folder: Path, limits: SandboxLimits, root: bool) 
         cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:  # a user namespace (bubblewrap drops every capability in it)
-        cmd += ["--unshare-all", "--disable-userns"]
+        cmd += ["--unshare-all", "--unshare-user", "--disable-userns"]
     cmd += ["--tmpfs", "/"]
     # Folders on the way to the binds, world-traversable (bubblewrap would copy a 0700 /root from the host).
     for parent in sorted({str(p) for path in binds for p in Path(path).parents if str(p) != "/"}):
