@@ -9,62 +9,29 @@ Every function returns plain ``float``/``int`` values under TRL's metric names w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-
-def pair_tensors(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Token ids of prompt + response rows -> right-padded model inputs and label-aligned targets.
-
-    Returns ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``labels`` = input_ids[:, 1:] (B, T-1)
-    and ``response_mask`` (B, T-1) bool, True at label position t when t + 1 >= prompt length (the label is a
-    response token) and the position is not padding (the project's label alignment convention).
-    """
-    if len(prompts) != len(responses) or not prompts:
-        raise ValueError(f"need as many prompts as responses (> 0), got {len(prompts)} and {len(responses)}")
-    if any(len(r) == 0 for r in responses) or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt and every response needs at least one token")
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
-        attention_mask[i, : len(p) + len(r)] = 1
-    prompt_len = torch.tensor([len(p) for p in prompts])[:, None]
-    label_pos = torch.arange(width - 1)[None, :]
-    response_mask = (label_pos + 1 >= prompt_len) & attention_mask[:, 1:].bool()
-    return input_ids, attention_mask, input_ids[:, 1:], response_mask
+from tidpo.logps import masked_sum
 
 
-def _masked_sum(token_values: Tensor, mask: Tensor) -> Tensor:
-    """(B, T) values, (B, T) bool mask -> (B,) sum over the mask, in float64."""
-    return (token_values.double() * mask).sum(-1)
-
-
-def implicit_reward_metrics(
+def implicit_rewards(
     *,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     beta: float,
-) -> dict[str, float]:
-    """DPO implicit-reward metrics over a set of pairs, as TRL's ``DPOTrainer`` defines them.
+) -> dict[str, Tensor]:
+    """Per-pair DPO implicit-reward terms as TRL's ``DPOTrainer`` defines them: (B,) float64 tensors under
+    ``eval/rewards/{chosen,rejected,margins,accuracies}`` and ``eval/logps/{chosen,rejected}``.
 
     For each pair i, with sequence log-probs (sums of response-token log-probs, EOS included):
         r_c(i) = beta * (policy_chosen_logps[i] - ref_chosen_logps[i])      (chosen implicit reward)
         r_r(i) = beta * (policy_rejected_logps[i] - ref_rejected_logps[i])  (rejected implicit reward)
-    and, averaged over the pairs:
-        eval/rewards/chosen     = mean r_c
-        eval/rewards/rejected   = mean r_r
-        eval/rewards/margins    = mean (r_c - r_r)
-        eval/rewards/accuracies = mean [r_c > r_r]   (strict: a tie counts as wrong, as in TRL)
-        eval/logps/chosen       = mean policy_chosen_logps
-        eval/logps/rejected     = mean policy_rejected_logps
+        margin = r_c - r_r;  accuracy = [r_c > r_r]  (strict: a tie counts as wrong, as in TRL)
+    The training workers sum these over their shards (and ranks); :func:`implicit_reward_metrics` averages them.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: (B,) sequence log-probs.
@@ -75,16 +42,21 @@ def implicit_reward_metrics(
     sizes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(sizes) != 1 or len(next(iter(sizes))) != 1 or next(iter(sizes))[0] == 0:
         raise ValueError(f"expected four (B,) tensors with B > 0, got shapes {sorted(map(tuple, sizes))}")
-    chosen_rewards = beta * (policy_chosen_logps.double() - ref_chosen_logps.double())
-    rejected_rewards = beta * (policy_rejected_logps.double() - ref_rejected_logps.double())
+    chosen = beta * (policy_chosen_logps.double() - ref_chosen_logps.double())
+    rejected = beta * (policy_rejected_logps.double() - ref_rejected_logps.double())
     return {
-        "eval/rewards/chosen": chosen_rewards.mean().item(),
-        "eval/rewards/rejected": rejected_rewards.mean().item(),
-        "eval/rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "eval/rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
-        "eval/logps/chosen": policy_chosen_logps.double().mean().item(),
-        "eval/logps/rejected": policy_rejected_logps.double().mean().item(),
+        "eval/rewards/chosen": chosen,
+        "eval/rewards/rejected": rejected,
+        "eval/rewards/margins": chosen - rejected,
+        "eval/rewards/accuracies": (chosen > rejected).double(),
+        "eval/logps/chosen": policy_chosen_logps.double(),
+        "eval/logps/rejected": policy_rejected_logps.double(),
     }
+
+
+def implicit_reward_metrics(**kwargs) -> dict[str, float]:
+    """The means over the pairs of :func:`implicit_rewards` (same keyword arguments)."""
+    return {k: v.mean().item() for k, v in implicit_rewards(**kwargs).items()}
 
 
 def mean_token_logratio(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor) -> Tensor:
@@ -98,7 +70,7 @@ def mean_token_logratio(policy_token_logps: Tensor, ref_token_logps: Tensor, mas
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError("mean_token_logratio: a row has no masked (response) token")
-    return _masked_sum(policy_token_logps - ref_token_logps, mask) / counts
+    return masked_sum((policy_token_logps - ref_token_logps).double(), mask) / counts
 
 
 def kl_metrics(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from evaluation.diversity import diversity_metrics
-from evaluation.preference import implicit_reward_metrics, kl_metrics, pair_tensors, weight_diagnostics
+from evaluation.preference import implicit_reward_metrics, kl_metrics, weight_diagnostics
 from evaluation.report import flatten, render_from_saved, token_pieces, write_report
 from pipeline.config import ConfigError, RunConfig, to_dict
 from pipeline.models import load_pretrained
@@ -76,9 +76,12 @@ def _ids(column) -> list[list[int]]:
 def score_responses(policy, ref, prompts, responses, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
     """Label-aligned token log-probs of prompt + response rows under the policy and (unless ``ref`` is None) the
     reference, the response masks, and the full-vocabulary KL per row (``tidpo.tdpo_kl``)."""
+    from pipeline.batching import pack_sequences
     from tidpo import tdpo_kl, token_logps
 
-    input_ids, attention_mask, labels, response_mask = pair_tensors(prompts, responses, pad_id)
+    packed = pack_sequences(prompts, responses, pad_id)
+    input_ids, attention_mask, response_mask = packed["input_ids"], packed["attention_mask"], packed["response_mask"]
+    labels = input_ids[:, 1:]
     out: dict[str, list[torch.Tensor]] = {"policy_token_logps": [], "ref_token_logps": [], "full_kl": []}
     for s in range(0, len(prompts), batch_size):
         ids, attn, lab, mask = (t[s : s + batch_size] for t in (input_ids, attention_mask, labels, response_mask))
@@ -176,8 +179,10 @@ def generate(cfg: RunConfig, model, tok, prompts: list[list[int]], *, temperatur
 
 
 def _strip_stops(ids: list[int], tok) -> list[int]:
-    stops = {tok.eos_token_id, tok.pad_token_id} - {None}
-    return ids[:-1] if ids and ids[-1] in stops else ids
+    """A generation without the stop token that ended it (diversity counts words, not EOS)."""
+    from pipeline.generation.engine import stop_ids
+
+    return ids[:-1] if ids and ids[-1] in stop_ids(tok) else ids
 
 
 def generation_section(cfg: RunConfig, policy, ref, tok, df, measures: set[str]) -> dict[str, Any]:

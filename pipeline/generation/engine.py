@@ -130,15 +130,24 @@ def default_row_keys(prompts: Sequence[Sequence[int]]) -> list[str]:
     return [hashlib.sha256(",".join(map(str, p)).encode()).hexdigest()[:16] for p in prompts]
 
 
+def stop_ids(tokenizer, extra: Iterable[int] = ()) -> list[int]:
+    """The token ids that end a response (the one rule): ``extra`` (a sampling's stop ids), then EOS."""
+    ids = list(dict.fromkeys(int(t) for t in extra))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in ids:
+        ids.append(eos)
+    return ids
+
+
 def stop_token_ids(tokenizer, stop: Iterable[str] = ()) -> list[int]:
     """EOS plus the token id of each ``generation.stop`` string; a string that is not one token raises."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = []
     for text in stop:
         encoded = tokenizer.encode(text, add_special_tokens=False)
         if len(encoded) != 1:
             raise ValueError(f"generation.stop: {text!r} is {len(encoded)} tokens; only single-token stops work")
         ids.append(encoded[0])
-    return ids
+    return stop_ids(tokenizer, ids)
 
 
 def vllm_available() -> bool:

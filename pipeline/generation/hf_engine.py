@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.generation.engine import Generation, SamplingParams, default_row_keys, sample_seed
+from pipeline.generation.engine import Generation, SamplingParams, default_row_keys, sample_seed, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: str | torch.
     return ids.to(device), mask.to(device)
 
 
-def _stop_ids(tokenizer, params: SamplingParams) -> list[int]:
-    stops = list(params.stop_token_ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
-    return stops
-
-
 def _trim(tokens: list[int], logps: list[float], stops: set[int]) -> tuple[list[int], list[float], str]:
     for i, t in enumerate(tokens):
         if t in stops:
@@ -110,7 +103,7 @@ def sample_responses(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, mask = left_pad(contexts, pad_id, device)
-    stops = _stop_ids(tokenizer, params)
+    stops = stop_ids(tokenizer, params.stop_token_ids)
     sampler = RowSampler(params, seeds)
     gen_cfg = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=params.max_new_tokens, eos_token_id=stops,

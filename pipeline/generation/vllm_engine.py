@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.generation.engine import Generation, SamplingParams, default_row_keys, sample_seed
+from pipeline.generation.engine import Generation, SamplingParams, default_row_keys, sample_seed, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +108,12 @@ class VLLMEngine:
         self.version = version or str(model_path)
         self.tokens_generated = 0
 
-    def _stops(self, params: SamplingParams) -> list[int]:
-        stops = list(params.stop_token_ids)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is not None and eos not in stops:
-            stops.append(eos)
-        return stops
-
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, *, row_keys: Sequence[str] | None = None
     ) -> list[list[Generation]]:
         """``params.n`` generations per prompt, each its own request with a per-(row, sample) seed."""
         keys = list(row_keys) if row_keys is not None else default_row_keys(prompts)
-        stops = self._stops(params)
+        stops = stop_ids(self.tokenizer, params.stop_token_ids)
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(params.n)]
         sps = [to_vllm_params(params, sample_seed(params.seed, k, j), stops) for k in keys for j in range(params.n)]
         outputs = self.llm.generate(requests, sps, use_tqdm=False)

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from evaluation.preference import implicit_rewards
 from pipeline.batching import split_pair
 from tidpo import (
     LossConfig,
     Objective,
     attribution_scores,
     call_model,
-    dpo_loss,
     forward_with_attribution,
     tdpo_kl,
     tidpo_objective,
@@ -137,7 +137,10 @@ def eval_step(cfg: LossConfig, models: StepModels, batch: dict[str, Any]) -> dic
     ref = reference_outputs(models, pair, need_logits=False)[0] if cfg.needs_reference else torch.zeros_like(policy)
     seq_policy = masked_sum(policy, pair["response_mask"])
     seq_ref = masked_sum(ref, pair["response_mask"])
-    out = dpo_loss(*split_pair(seq_policy, B), *split_pair(seq_ref, B), beta=cfg.beta)
+    rewards = implicit_rewards(
+        policy_chosen_logps=seq_policy[:B], policy_rejected_logps=seq_policy[B:],
+        ref_chosen_logps=seq_ref[:B], ref_rejected_logps=seq_ref[B:], beta=cfg.beta,
+    )  # fmt: skip
     uniform = replace(
         cfg,
         weighting="uniform",
@@ -156,10 +159,5 @@ def eval_step(cfg: LossConfig, models: StepModels, batch: dict[str, Any]) -> dic
     )
     return {
         "eval/loss": obj.losses,
-        "eval/rewards/chosen": out.chosen_rewards,
-        "eval/rewards/rejected": out.rejected_rewards,
-        "eval/rewards/margins": out.chosen_rewards - out.rejected_rewards,
-        "eval/rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-        "eval/logps/chosen": seq_policy[:B],
-        "eval/logps/rejected": seq_policy[B:],
+        **{k: v.float() for k, v in rewards.items()},
     }

@@ -142,6 +142,44 @@ def test_every_logged_step_reaches_ray_all_reduced(prepared):
         assert rank0["grad_norm"] > 0
 
 
+@pytest.mark.parametrize(("zero_stage", "workers"), [(2, 1), (3, 2)], ids=["zero2-1worker", "zero3-2workers"])
+def test_lora_with_auto_reference_trains_through_the_worker(prepared, zero_stage, workers):
+    """LoRA + model.reference=auto (the default): the plan says adapters-off reference, the worker serves it
+    (it used to load none and fail with "no reference"); paper preset, so attribution weights and column
+    anchors run too. The merged export differs from the base model."""
+    from pipeline.train.inputs import train
+
+    out = _stage_folder(prepared, f"lora-zero{zero_stage}-{workers}")
+    cfg = tiny_cfg(
+        prepared,
+        "loss.preset=paper",
+        "model.lora_r=8",
+        "model.lora_alpha=16",
+        "train.max_steps=6",
+        f"train.zero_stage={zero_stage}",
+        f"train.num_workers={workers}",
+        "train.micro_batch_size=4",
+        "train.save_every=0",
+        "tracking.enabled=false",
+        f"output_dir={out}",
+    )
+    summary = train(cfg, force=True)
+    assert summary["steps"] == 6 and summary["nonfinite_skipped"] == 0
+    assert summary["plan"]["reference"]["kind"] == "lora" and summary["plan"]["reference"]["adapters_off"]
+    steps = [r for r in _metrics(out / "train") if "loss" in r and "final" not in r]
+    assert steps[-1]["rewards/margins"] != 0 and steps[-1]["triplet/no_anchor"] == 0
+    assert not (out / "train" / "model" / "adapter_config.json").exists()  # merged
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import build_model
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "train" / "model", local_files_only=True)
+    base = build_model(cfg.model, merged.config.vocab_size, seed=cfg.seed)
+    diffs = [float((a - b).abs().max()) for a, b in zip(merged.state_dict().values(), base.state_dict().values())]
+    assert max(diffs) > 0
+
+
 # (ZeRO stage, preset): DPO under ZeRO-2 is test_dpo_two_workers_zero2_learns_and_exports above
 LEARNING_MATRIX = [(2, "paper"), (2, "official"), (3, "dpo"), (3, "paper"), (3, "official")]
 
@@ -180,7 +218,9 @@ def test_two_workers_learn_under_zero_stage(prepared, zero_stage, preset):
 
 def test_worker_killed_mid_run_is_survived(prepared):
     """This run's rank-0 worker process is SIGKILLed after the first checkpoint: the run restores from it and
-    finishes at max_steps, with the restart and the resume step recorded and no step lost or repeated."""
+    finishes at max_steps, with the restart and the resume step recorded and no step lost or repeated. The 24
+    steps span two epochs (360 train rows, 16 a step: 22 steps an epoch), each in its own seeded order, and the
+    restored run sees exactly the rows the first attempt saw at the same positions."""
     from pipeline.train.inputs import train
 
     out = _stage_folder(prepared, "kill")
@@ -236,6 +276,31 @@ def test_worker_killed_mid_run_is_survived(prepared):
     for before, after in zip(records[resumed:cut], records[cut:], strict=False):
         assert before["step"] == after["step"]
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-5)
+    _assert_data_order(prepared, out / "train", micro=8, world=2, epochs=2)
+
+
+def _assert_data_order(prepared: Path, train_dir: Path, *, micro: int, world: int, epochs: int) -> None:
+    """Each rank's micro-batches (workers/rows_rank<r>.jsonl) are the seeded per-epoch permutation of the sorted
+    row ids; epochs differ; a micro-batch run twice (after a restore) had the same rows both times."""
+    import pyarrow.parquet as pq
+
+    from pipeline.train.worker import epoch_order, micro_batch_rows
+
+    ids = sorted(str(x) for f in (prepared / "data" / "train").glob("*.parquet") for x in pq.read_table(f)["row_id"])
+    firsts = {}
+    for rank in range(world):
+        seen: dict[tuple[int, int], list[str]] = {}
+        for line in (train_dir / "workers" / f"rows_rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            key = (rec["epoch"], rec["index"])
+            assert seen.setdefault(key, rec["row_ids"]) == rec["row_ids"], key  # repeated: same rows
+            order = epoch_order(len(ids), 0, rec["epoch"])
+            expected = [ids[j] for j in micro_batch_rows(order, rec["index"], micro=micro, accum=1, world=world,
+                                                         rank=rank)]  # fmt: skip
+            assert rec["row_ids"] == expected, key
+        assert {e for e, _ in seen} == set(range(epochs))
+        firsts[rank] = [seen[(e, 0)] for e in range(epochs)]
+    assert firsts[0][0] != firsts[0][1]  # the second epoch is in another order
 
 
 def test_killed_driver_resumes_on_rerun(prepared, ray_cluster):
