@@ -131,12 +131,9 @@ def default_row_keys(prompts: Sequence[Sequence[int]]) -> list[str]:
 
 
 def stop_ids(tokenizer, extra: Iterable[int] = ()) -> list[int]:
-    """The token ids that end a response (the one rule): ``extra`` (a sampling's stop ids), then EOS."""
-    ids = list(dict.fromkeys(int(t) for t in extra))
+    """The token ids that end a response (the one rule): EOS, then ``extra`` (a sampling's stop ids)."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and eos not in ids:
-        ids.append(eos)
-    return ids
+    return list(dict.fromkeys([*([eos] if eos is not None else []), *(int(t) for t in extra)]))
 
 
 def stop_token_ids(tokenizer, stop: Iterable[str] = ()) -> list[int]:
