@@ -59,6 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tidpo import (  # noqa: E402
     LossConfig,
+    Side,
     attribution_scores,
     call_model,
     forward_with_attribution,
@@ -239,15 +240,13 @@ def preference_objective(cfg: LossConfig, model, batch: dict, *, shared_attribut
         anchor = batch["anchor"]
         kwargs["policy_anchor_token_logps"] = token_logps(_logits(model, anchor)[:, :-1], anchor["input_ids"][:, 1:])
         kwargs["ref_anchor_token_logps"], kwargs["anchor_mask"] = anchor["ref_token_logps"], anchor["response_mask"]
-    mask = pair["response_mask"]
-    return tidpo_objective(
-        cfg,
-        policy_chosen_token_logps=policy[:B],
-        policy_rejected_token_logps=policy[B:],
-        chosen_mask=mask[:B],
-        rejected_mask=mask[B:],
-        **kwargs,
-    )
+    mask, get = pair["response_mask"], kwargs.get
+    chosen = Side(policy[:B], mask[:B], get("ref_chosen_token_logps"), get("chosen_scores"))
+    rejected = Side(policy[B:], mask[B:], get("ref_rejected_token_logps"), get("rejected_scores"))
+    anchor = None
+    if cfg.uses_triplet:
+        anchor = Side(kwargs["policy_anchor_token_logps"], kwargs["anchor_mask"], kwargs["ref_anchor_token_logps"])
+    return tidpo_objective(cfg, chosen, rejected, anchor)
 
 
 class MasterAdamW:

@@ -1,6 +1,6 @@
 """TI-DPO (Token-Importance Guided Direct Preference Optimization) in pure PyTorch.
 
-Imports only torch and the standard library. See ``../shared/docs/TIDPO.md`` for the maths; every function
+Imports only torch and the standard library. See ``docs/ALGORITHM.md`` for the maths; every function
 documents its equation and shapes (B batch, T tokens, V vocabulary).
 """
 
@@ -17,7 +17,31 @@ from tidpo.losses import (
     triplet_loss,
     weighted_logratio,
 )
-from tidpo.objective import Objective, metric_sums, reduce_sums, summarize, tidpo_objective, token_weights
+from tidpo.metrics import (
+    metric_sums,
+    preference_metrics,
+    reduce_sums,
+    summarize,
+    triplet_metrics,
+    weight_diagnostics,
+    weight_metrics,
+)
+from tidpo.objective import (
+    Objective,
+    Side,
+    TokenWeights,
+    check_inputs,
+    preference_term,
+    required_inputs,
+    rpo_nll,
+    side_kl,
+    side_weights,
+    tidpo_objective,
+    token_logratios,
+    token_weights,
+    triplet_term,
+    weighting_span,
+)
 from tidpo.weights import (
     attribution_scores,
     call_model,
@@ -33,13 +57,16 @@ from tidpo.weights import (
 )
 
 __all__ = [
-    "PRESETS",
     "LossConfig",
     "Objective",
+    "PRESETS",
     "PreferenceLoss",
+    "Side",
+    "TokenWeights",
     "TripletLoss",
     "attribution_scores",
     "call_model",
+    "check_inputs",
     "dpo_loss",
     "forward_with_attribution",
     "gaussian_prior",
@@ -51,17 +78,29 @@ __all__ = [
     "metric_sums",
     "normalize_scores",
     "position_ids_from_mask",
+    "preference_metrics",
+    "preference_term",
     "random_weights",
     "reduce_sums",
+    "required_inputs",
     "rescale_to_mean_one",
+    "rpo_nll",
+    "side_kl",
+    "side_weights",
     "simpo_loss",
     "summarize",
     "tdpo_kl",
     "tdpo_loss",
     "tidpo_objective",
     "token_logps",
+    "token_logratios",
     "token_weights",
     "triplet_loss",
+    "triplet_metrics",
+    "triplet_term",
     "uniform_weights",
+    "weight_diagnostics",
+    "weight_metrics",
     "weighted_logratio",
+    "weighting_span",
 ]

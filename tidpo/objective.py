@@ -1,12 +1,16 @@
-"""The TI-DPO objective composed from a :class:`~tidpo.config.LossConfig` (TIDPO.md section 6).
+"""The TI-DPO objective composed from a :class:`~tidpo.config.LossConfig` (docs/ALGORITHM.md section 9).
 
-L = mean_b [ L_pref(b) + gamma * L_triplet(b) ], with L_pref the weighted DPO (paper), TDPO2 (official code)
-or SimPO base loss. Every tensor is label-aligned (B, T); masks are bool.
+L_b = L_pref(b) + gamma * L_triplet(b) + rpo_alpha * NLL(b), and the loss is mean_b L_b. L_pref is the weighted
+DPO (paper), TDPO2 (authors' code) or SimPO base loss. Every tensor is label-aligned (B, T); masks are bool.
+The inputs of one response come grouped in a :class:`Side`, and ``required_inputs`` says which optional
+fields a config needs. ``tidpo_objective`` composes small pure functions, each tested on its own:
+
+    check_inputs -> token_weights and token_logratios per side -> preference_term, rpo_nll, triplet_term
+    -> preference_metrics, weight_metrics, triplet_metrics
 
 Metrics come back UNREDUCED: per-example (B,) tensors under TRL's names plus ``loss/...``, ``weights/...``,
 ``triplet/...``, ``kl/...``; degenerate events (all-zero attribution, empty span, no anchor overlap) are counted
-in ``counts``. ``summarize`` reduces one batch; across micro-batches and ranks, sum values and counts then
-divide (``reduce_sums``), so the result is independent of how the global batch was split.
+in ``counts``. Their reduction over micro-batches and ranks is in :mod:`tidpo.metrics`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 
 from tidpo.config import LossConfig
 from tidpo.logps import left_align, masked_sum
-from tidpo.losses import dpo_loss, simpo_loss, tdpo_loss, triplet_loss
+from tidpo.losses import PreferenceLoss, TripletLoss, dpo_loss, simpo_loss, tdpo_loss, triplet_loss
+from tidpo.metrics import preference_metrics, triplet_metrics, weight_metrics
 from tidpo.weights import hybrid_weights, normalize_scores, random_weights, uniform_weights
 
 
@@ -30,215 +35,222 @@ class Objective(NamedTuple):
     counts: dict[str, torch.Tensor]
 
 
+class Side(NamedTuple):
+    """The inputs of one response: the chosen or rejected one of each pair, or the anchor. All label-aligned.
+
+    Attributes:
+        policy_token_logps: (B, T) log pi_theta(y_t | x, y_<t), with grad.
+        mask: (B, T) bool response tokens (EOS included).
+        ref_token_logps: (B, T) log pi_ref, constants; needed unless base_loss=simpo.
+        scores: (B, T) raw attribution scores; needed for weighting=attribution (unused for the anchor).
+        span_mask: (B, T) bool weighting span (prompt + response positions); needed for span=sequence.
+        kl: (B,) sequential KL K(y); needed for base_loss=tdpo with alpha_kl > 0.
+    """
+
+    policy_token_logps: torch.Tensor
+    mask: torch.Tensor
+    ref_token_logps: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    span_mask: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+class TokenWeights(NamedTuple):
+    """``weights`` (B, T) constants; (B,) bool flags: all-zero attribution (prior used), empty span."""
+
+    weights: torch.Tensor
+    zero_attribution: torch.Tensor
+    empty_span: torch.Tensor
+
+
+def required_inputs(cfg: LossConfig) -> dict[str, str]:
+    """The optional inputs ``cfg`` needs, ``"side.field"`` (or ``"anchor"``) -> the switch that needs it.
+
+    Each side's ``policy_token_logps`` and ``mask`` are always required. The ``dpo`` preset needs the two
+    ``ref_token_logps``; ``paper`` adds both ``scores`` and the anchor; ``official`` adds ``span_mask`` and ``kl``.
+    """
+    per_side = []
+    if cfg.needs_reference:
+        per_side.append(("ref_token_logps", f"base_loss={cfg.base_loss} needs reference log-probs"))
+    if cfg.weighting == "attribution":
+        per_side.append(("scores", "weighting=attribution"))
+    if cfg.span == "sequence":
+        per_side.append(("span_mask", "span=sequence: prompt + response positions"))
+    if cfg.needs_ref_logits:
+        per_side.append(("kl", f"base_loss=tdpo with alpha_kl={cfg.alpha_kl} > 0"))
+    need = {f"{side}.{field}": why for side in ("chosen", "rejected") for field, why in per_side}
+    if cfg.uses_triplet:
+        need["anchor"] = f"gamma={cfg.gamma} > 0 turns on the triplet loss (or set loss.gamma=0)"
+        if cfg.needs_reference:
+            need["anchor.ref_token_logps"] = f"the triplet loss with base_loss={cfg.base_loss}"
+    return need
+
+
+def check_inputs(cfg: LossConfig, chosen: Side, rejected: Side, anchor: Side | None = None) -> None:
+    """Raise ValueError naming every input of ``required_inputs(cfg)`` that is None (preset and reason)."""
+    sides = {"chosen": chosen, "rejected": rejected, "anchor": anchor}
+    missing = []
+    for name, why in required_inputs(cfg).items():
+        side, _, field = name.partition(".")
+        if field and sides[side] is None:
+            continue  # the missing side itself is reported
+        if (getattr(sides[side], field) if field else sides[side]) is None:
+            missing.append(f"{name} ({why})")
+    if missing:
+        raise ValueError(f"loss preset {cfg.preset!r} with these switches is missing: {'; '.join(missing)}")
+
+
+def weighting_span(cfg: LossConfig, side: Side) -> torch.Tensor:
+    """(B, T) bool positions the weights are normalised over: ``side.mask``, or ``side.span_mask`` for
+    span=sequence (then the response's share of the weights is not mean 1)."""
+    if cfg.span == "sequence":
+        if side.span_mask is None:
+            raise ValueError("span=sequence needs span_mask (prompt + response) on both sides")
+        return side.span_mask.bool()
+    return side.mask.bool()
+
+
 def token_weights(
     cfg: LossConfig,
     response_mask: torch.Tensor,
     span_mask: torch.Tensor,
     scores: torch.Tensor | None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> TokenWeights:
     """Weights (B, T) for one side of the pair, plus (B,) flags: all-zero attribution, empty span.
 
-    ``uniform`` ignores the span (ones on the response, exactly DPO); ``random`` and ``attribution`` are
-    normalised to mean 1 over ``span_mask``.
+    ``uniform`` ignores the span (ones on the response, exactly DPO); ``random`` and ``attribution`` (hybrid
+    of normalised scores and the Gaussian prior, docs/ALGORITHM.md section 4) have mean 1 over ``span_mask``.
     """
     empty = ~span_mask.any(-1)
     no_flag = torch.zeros_like(empty)
     if cfg.weighting == "uniform":
-        return uniform_weights(response_mask), no_flag, ~response_mask.any(-1)
+        return TokenWeights(uniform_weights(response_mask), no_flag, ~response_mask.any(-1))
     if cfg.weighting == "random":
-        return random_weights(span_mask, generator=generator), no_flag, empty
+        return TokenWeights(random_weights(span_mask, generator=generator), no_flag, empty)
     if scores is None:
-        raise ValueError("weighting=attribution needs attribution scores (chosen_scores / rejected_scores)")
+        raise ValueError("weighting=attribution needs attribution scores (Side.scores) on both sides")
     _, zero_rows = normalize_scores(scores, span_mask)
-    return hybrid_weights(scores, span_mask, lam=cfg.lam, sigma_div=cfg.sigma_div), zero_rows, empty
+    return TokenWeights(hybrid_weights(scores, span_mask, lam=cfg.lam, sigma_div=cfg.sigma_div), zero_rows, empty)
 
 
-def _weight_diagnostics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean weight on response tokens (1 unless the span is the whole sequence), max weight, and the entropy
-    (nats) of the weights normalised over the response."""
-    n = mask.sum(-1).clamp(min=1)
-    w = torch.where(mask, weights, torch.zeros_like(weights))
-    p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-    entropy = -masked_sum(torch.where(p > 0, p * p.clamp(min=1e-12).log(), torch.zeros_like(p)), mask)
-    return {"response_mean": w.sum(-1) / n, "max": w.max(-1).values, "entropy": entropy}
+def side_weights(cfg: LossConfig, side: Side, *, generator: torch.Generator | None = None) -> TokenWeights:
+    """``token_weights`` of one :class:`Side` over its ``weighting_span``."""
+    return token_weights(cfg, side.mask.bool(), weighting_span(cfg, side), side.scores, generator)
 
 
-def _triplet(cfg: LossConfig, chosen_lr, chosen_mask, rejected_lr, rejected_mask, anchor_lr, anchor_mask):
-    a, a_mask = left_align(anchor_lr, anchor_mask)
-    w, w_mask = left_align(chosen_lr, chosen_mask)
-    r, r_mask = left_align(rejected_lr, rejected_mask)
-    return triplet_loss(a, a_mask, w, w_mask, r, r_mask, margin=cfg.margin)
+def token_logratios(cfg: LossConfig, side: Side) -> torch.Tensor:
+    """(B, T) per-token log-ratios l_t(y) = log pi_theta - log pi_ref (reference detached); for the
+    reference-free SimPO, l_t(y) = log pi_theta(y_t) (any ``ref_token_logps`` is ignored)."""
+    if not cfg.needs_reference:
+        return side.policy_token_logps - torch.zeros_like(side.policy_token_logps)
+    if side.ref_token_logps is None:
+        raise ValueError(f"base_loss={cfg.base_loss} needs reference token log-probs (Side.ref_token_logps)")
+    return side.policy_token_logps - side.ref_token_logps.detach()
+
+
+def side_kl(side: Side, like: torch.Tensor) -> torch.Tensor:
+    """(B,) the side's sequential KL K(y), or zeros shaped as ``like`` when it has none (alpha_kl = 0)."""
+    return torch.zeros_like(like) if side.kl is None else side.kl
+
+
+def preference_term(
+    cfg: LossConfig, chosen_sums: torch.Tensor, rejected_sums: torch.Tensor, chosen: Side, rejected: Side
+) -> PreferenceLoss:
+    """The base preference loss on weighted log-ratio sums m(y) (docs/ALGORITHM.md sections 5-6).
+
+    dpo: DPO family on z = m(y_w) - m(y_l); tdpo: TDPO2, z also gets - alpha_kl (K(y_l) - sg K(y_w)); simpo:
+    SimPO on m(y) / |y|. For loss_type=ipo, m(y) is first divided by the response length (as TRL).
+
+    Args:
+        chosen_sums, rejected_sums: (B,) m(y). chosen, rejected: the sides (their masks give |y|, their
+            ``kl`` K(y) for tdpo).
+
+    Returns:
+        PreferenceLoss of (B,) unreduced losses and detached rewards.
+    """
+    len_c, len_r = chosen.mask.bool().sum(-1), rejected.mask.bool().sum(-1)
+    m_c, m_r, eps = chosen_sums, rejected_sums, cfg.label_smoothing
+    if cfg.base_loss == "simpo":
+        return simpo_loss(m_c, m_r, len_c, len_r, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=eps)
+    if cfg.loss_type == "ipo":  # IPO works on length-averaged log-ratios (TRL)
+        m_c, m_r = m_c / len_c.clamp(min=1), m_r / len_r.clamp(min=1)
+    if cfg.base_loss == "tdpo":
+        k_c, k_r = side_kl(chosen, m_c), side_kl(rejected, m_r)
+        kw = {"beta": cfg.beta, "alpha": cfg.alpha_kl, "loss_type": cfg.loss_type, "label_smoothing": eps}
+        return tdpo_loss(m_c, m_r, k_c, k_r, **kw)
+    zeros = torch.zeros_like(m_c)  # m(y) already holds the policy - reference difference
+    return dpo_loss(m_c, m_r, zeros, zeros, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=eps)
+
+
+def rpo_nll(policy_chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor) -> torch.Tensor:
+    """RPO's term (Pang et al. 2024, TRL ``rpo_alpha``): (B,) NLL of the chosen response, mean over its tokens
+    (an empty response gives 0). Args: (B, T) log-probs with grad, (B, T) bool mask."""
+    mask = chosen_mask.bool()
+    return -masked_sum(policy_chosen_token_logps, mask) / mask.sum(-1).clamp(min=1)
+
+
+def triplet_term(
+    chosen_logratios: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    anchor_logratios: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    *,
+    margin: float,
+) -> TripletLoss:
+    """``triplet_loss`` on (B, T*) label-aligned per-token log-ratios and bool masks, each side left-aligned
+    first so index 0 is the first response token whatever the padding or prompt length (section 7)."""
+    a, a_mask = left_align(anchor_logratios, anchor_mask.bool())
+    w, w_mask = left_align(chosen_logratios, chosen_mask.bool())
+    r, r_mask = left_align(rejected_logratios, rejected_mask.bool())
+    return triplet_loss(a, a_mask, w, w_mask, r, r_mask, margin=margin)
 
 
 def tidpo_objective(
     cfg: LossConfig,
+    chosen: Side,
+    rejected: Side,
+    anchor: Side | None = None,
     *,
-    policy_chosen_token_logps: torch.Tensor,
-    policy_rejected_token_logps: torch.Tensor,
-    chosen_mask: torch.Tensor,
-    rejected_mask: torch.Tensor,
-    ref_chosen_token_logps: torch.Tensor | None = None,
-    ref_rejected_token_logps: torch.Tensor | None = None,
-    chosen_scores: torch.Tensor | None = None,
-    rejected_scores: torch.Tensor | None = None,
-    chosen_span_mask: torch.Tensor | None = None,
-    rejected_span_mask: torch.Tensor | None = None,
-    chosen_kl: torch.Tensor | None = None,
-    rejected_kl: torch.Tensor | None = None,
-    policy_anchor_token_logps: torch.Tensor | None = None,
-    ref_anchor_token_logps: torch.Tensor | None = None,
-    anchor_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Objective:
-    """TI-DPO loss and metrics for one micro-batch.
+    """TI-DPO loss and metrics for one micro-batch (docs/ALGORITHM.md section 9).
 
     Args:
-        cfg: the loss switches (a preset plus overrides).
-        policy_{chosen,rejected}_token_logps: (B, T) with grad. ref_*: (B, T) constants (not for SimPO).
-        {chosen,rejected}_mask: (B, T) bool response tokens (EOS included).
-        {chosen,rejected}_scores: (B, T) raw attribution scores, needed for weighting=attribution.
-        {chosen,rejected}_span_mask: (B, T) bool weighting span; required for span=sequence (prompt +
-            response label positions), defaults to the response masks.
-        {chosen,rejected}_kl: (B,) sequential KL K(y) for base_loss=tdpo with alpha_kl > 0.
-        policy_anchor_token_logps, ref_anchor_token_logps, anchor_mask: (B, Ta) anchor response, needed when
-            gamma > 0.
-        generator: RNG for weighting=random.
+        cfg: the loss switches (a preset plus overrides); ``required_inputs(cfg)`` lists the optional
+            :class:`Side` fields it needs, and a missing one raises ValueError naming it.
+        chosen, rejected: (B, T) sides of each pair. anchor: (B, Ta) policy sample, needed when gamma > 0.
+        generator: RNG for weighting=random (drawn for the chosen side, then the rejected).
 
     Returns:
-        Objective(loss, losses (B,), metrics, counts).
+        Objective(loss = mean of losses, losses (B,), metrics name -> (B,), counts name -> ()).
     """
-    chosen_mask, rejected_mask = chosen_mask.bool(), rejected_mask.bool()
-    if cfg.span == "sequence" and (chosen_span_mask is None or rejected_span_mask is None):
-        raise ValueError("span=sequence needs chosen_span_mask and rejected_span_mask (prompt + response)")
-    c_span = chosen_mask if chosen_span_mask is None or cfg.span == "response" else chosen_span_mask.bool()
-    r_span = rejected_mask if rejected_span_mask is None or cfg.span == "response" else rejected_span_mask.bool()
-    w_c, zero_c, empty_c = token_weights(cfg, chosen_mask, c_span, chosen_scores, generator)
-    w_r, zero_r, empty_r = token_weights(cfg, rejected_mask, r_span, rejected_scores, generator)
-
-    policy_c, policy_r = policy_chosen_token_logps, policy_rejected_token_logps
-    if cfg.needs_reference:
-        if ref_chosen_token_logps is None or ref_rejected_token_logps is None:
-            raise ValueError(f"base_loss={cfg.base_loss} needs reference token log-probs")
-        ref_c, ref_r = ref_chosen_token_logps.detach(), ref_rejected_token_logps.detach()
-    else:
-        ref_c, ref_r = torch.zeros_like(policy_c), torch.zeros_like(policy_r)
-    lr_c, lr_r = policy_c - ref_c, policy_r - ref_r  # per-token log-ratios l_t(y)
-    m_c, m_r = masked_sum(w_c * lr_c, chosen_mask), masked_sum(w_r * lr_r, rejected_mask)  # m(y)
-    len_c, len_r = chosen_mask.sum(-1), rejected_mask.sum(-1)
-
+    check_inputs(cfg, chosen, rejected, anchor)
+    w_c, w_r = side_weights(cfg, chosen, generator=generator), side_weights(cfg, rejected, generator=generator)
+    lr_c, lr_r = token_logratios(cfg, chosen), token_logratios(cfg, rejected)  # l_t(y)
+    m_c = masked_sum(w_c.weights * lr_c, chosen.mask.bool())  # m(y_w) = sum_t W_t l_t(y_w)
+    m_r = masked_sum(w_r.weights * lr_r, rejected.mask.bool())
+    pref = preference_term(cfg, m_c, m_r, chosen, rejected)
     metrics: dict[str, torch.Tensor] = {}
-    if cfg.base_loss == "simpo":
-        pref = simpo_loss(
-            m_c, m_r, len_c, len_r, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing
-        )
-    else:
-        if cfg.loss_type == "ipo":  # IPO works on length-averaged log-ratios (TRL)
-            m_c, m_r = m_c / len_c.clamp(min=1), m_r / len_r.clamp(min=1)
-        if cfg.base_loss == "tdpo":
-            if cfg.alpha_kl > 0 and (chosen_kl is None or rejected_kl is None):
-                raise ValueError("base_loss=tdpo with alpha_kl > 0 needs chosen_kl and rejected_kl")
-            k_c = chosen_kl if chosen_kl is not None else torch.zeros_like(m_c)
-            k_r = rejected_kl if rejected_kl is not None else torch.zeros_like(m_r)
-            pref = tdpo_loss(
-                m_c,
-                m_r,
-                k_c,
-                k_r,
-                beta=cfg.beta,
-                alpha=cfg.alpha_kl,
-                loss_type=cfg.loss_type,
-                label_smoothing=cfg.label_smoothing,
-            )
-            metrics["kl/chosen"], metrics["kl/rejected"] = k_c.detach(), k_r.detach()
-        else:
-            zeros = torch.zeros_like(m_c)
-            pref = dpo_loss(
-                m_c,
-                m_r,
-                zeros,
-                zeros,
-                beta=cfg.beta,
-                loss_type=cfg.loss_type,
-                label_smoothing=cfg.label_smoothing,
-            )
-
+    if cfg.base_loss == "tdpo":
+        metrics["kl/chosen"], metrics["kl/rejected"] = side_kl(chosen, m_c).detach(), side_kl(rejected, m_r).detach()
     losses = pref.losses
-    if cfg.rpo_alpha > 0:  # RPO: + alpha * NLL of the chosen response, mean over its tokens
-        nll = -masked_sum(policy_c, chosen_mask) / len_c.clamp(min=1)
+    if cfg.rpo_alpha > 0:
+        nll = rpo_nll(chosen.policy_token_logps, chosen.mask)
         losses = losses + cfg.rpo_alpha * nll
         metrics["loss/nll"] = nll.detach()
-    counts = {
-        "weights/zero_attribution": (zero_c.sum() + zero_r.sum()).detach(),
-        "weights/empty_span": (empty_c.sum() + empty_r.sum()).detach(),
-    }
+    w_metrics, counts = weight_metrics(w_c, chosen.mask, w_r, rejected.mask)
     if cfg.uses_triplet:
-        if policy_anchor_token_logps is None or anchor_mask is None:
-            raise ValueError("gamma > 0 needs anchor log-probs and anchor_mask (or set loss.gamma=0)")
-        if cfg.needs_reference and ref_anchor_token_logps is None:
-            raise ValueError("the triplet loss needs reference log-probs of the anchor")
-        ref_a = (
-            torch.zeros_like(policy_anchor_token_logps) if ref_anchor_token_logps is None else ref_anchor_token_logps
-        )
-        trip = _triplet(
-            cfg,
-            lr_c,
-            chosen_mask,
-            lr_r,
-            rejected_mask,
-            policy_anchor_token_logps - ref_a.detach(),
-            anchor_mask.bool(),
-        )
+        lr_a = token_logratios(cfg, anchor)
+        trip = triplet_term(lr_c, chosen.mask, lr_r, rejected.mask, lr_a, anchor.mask, margin=cfg.margin)
         losses = losses + cfg.gamma * trip.losses
-        metrics["loss/triplet"] = trip.losses.detach()
-        metrics["triplet/positive_distance"] = trip.positive_distance.detach()
-        metrics["triplet/negative_distance"] = trip.negative_distance.detach()
-        metrics["triplet/active"] = (trip.losses > 0).float().detach()
-        counts["triplet/no_anchor"] = (~anchor_mask.bool().any(-1)).sum().detach()
-
-    metrics.update(
-        {
-            "loss": losses.detach(),
-            "loss/preference": pref.losses.detach(),
-            "rewards/chosen": pref.chosen_rewards,
-            "rewards/rejected": pref.rejected_rewards,
-            "rewards/margins": pref.chosen_rewards - pref.rejected_rewards,
-            "rewards/accuracies": (pref.chosen_rewards > pref.rejected_rewards).float(),
-            "logps/chosen": masked_sum(policy_c, chosen_mask).detach(),
-            "logps/rejected": masked_sum(policy_r, rejected_mask).detach(),
-        }
-    )
-    for side, w, mask in (("chosen", w_c, chosen_mask), ("rejected", w_r, rejected_mask)):
-        for key, value in _weight_diagnostics(w, mask).items():
-            metrics[f"weights/{side}_{key}"] = value.detach()
+        t_metrics, t_counts = triplet_metrics(trip, anchor.mask)
+        metrics.update(t_metrics)
+        counts.update(t_counts)
+    logps_c = masked_sum(chosen.policy_token_logps, chosen.mask.bool())
+    logps_r = masked_sum(rejected.policy_token_logps, rejected.mask.bool())
+    metrics.update(preference_metrics(losses, pref, logps_c, logps_r))
+    metrics.update(w_metrics)
     return Objective(losses.mean(), losses, metrics, counts)
-
-
-def summarize(objective_metrics: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Batch means of the per-example metrics, and the counts as they are (0-dim tensors)."""
-    out = {k: v.float().mean() for k, v in objective_metrics.items()}
-    out.update({k: v.float() for k, v in counts.items()})
-    return out
-
-
-def metric_sums(objective_metrics: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sums to accumulate over micro-batches and ranks: each metric's sum, ``num_examples``, and the counts."""
-    out = {k: v.float().sum() for k, v in objective_metrics.items()}
-    first = next(iter(objective_metrics.values()))
-    out["num_examples"] = torch.tensor(float(first.shape[0]), device=first.device)
-    out.update({f"count:{k}": v.float() for k, v in counts.items()})
-    return out
-
-
-def reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, float | torch.Tensor]:
-    """Turn accumulated ``metric_sums`` (already summed over micro-batches and ranks) into means and counts."""
-    n = sums["num_examples"].clamp(min=1)
-    out = {}
-    for k, v in sums.items():
-        if k == "num_examples":
-            out[k] = v
-        elif k.startswith("count:"):
-            out[k[len("count:") :]] = v
-        else:
-            out[k] = v / n
-    return out

@@ -1,7 +1,7 @@
 """One micro-batch of TI-DPO / DPO / SFT: forwards, attribution, reference, anchors -> ``tidpo`` objective.
 
 The policy is called as a plain module (``engine.module`` under DeepSpeed): the engine's own forward forbids
-the attribution's ``autograd.grad`` on ZeRO 0-2 and perturbs ZeRO-3 (DEPENDENCIES.md), while a forward through
+the attribution's ``autograd.grad`` on ZeRO 0-2 and perturbs ZeRO-3 (docs/DEPENDENCIES.md), while a forward through
 the module works on every stage; the caller then runs ``engine.backward(loss)`` on the same graph.
 """
 
@@ -19,6 +19,7 @@ from pipeline.batching import split_pair
 from tidpo import (
     LossConfig,
     Objective,
+    Side,
     attribution_scores,
     call_model,
     forward_with_attribution,
@@ -106,15 +107,26 @@ def preference_step(
         kwargs.update(_anchor_inputs(cfg, models, batch["anchor"]))
     policy_c, policy_r = split_pair(policy, B)
     mask_c, mask_r = split_pair(pair["response_mask"], B)
-    return tidpo_objective(
-        cfg,
-        policy_chosen_token_logps=policy_c,
-        policy_rejected_token_logps=policy_r,
-        chosen_mask=mask_c,
-        rejected_mask=mask_r,
-        generator=generator,
-        **kwargs,
+    chosen = Side(
+        policy_c,
+        mask_c,
+        ref_token_logps=kwargs.get("ref_chosen_token_logps"),
+        scores=kwargs.get("chosen_scores"),
+        span_mask=kwargs.get("chosen_span_mask"),
+        kl=kwargs.get("chosen_kl"),
     )
+    rejected = Side(
+        policy_r,
+        mask_r,
+        ref_token_logps=kwargs.get("ref_rejected_token_logps"),
+        scores=kwargs.get("rejected_scores"),
+        span_mask=kwargs.get("rejected_span_mask"),
+        kl=kwargs.get("rejected_kl"),
+    )
+    anchor = None
+    if cfg.uses_triplet:
+        anchor = Side(kwargs["policy_anchor_token_logps"], kwargs["anchor_mask"], kwargs.get("ref_anchor_token_logps"))
+    return tidpo_objective(cfg, chosen, rejected, anchor, generator=generator)
 
 
 def sft_step(models: StepModels, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -150,12 +162,8 @@ def eval_step(cfg: LossConfig, models: StepModels, batch: dict[str, Any]) -> dic
     )
     obj = tidpo_objective(
         uniform,
-        policy_chosen_token_logps=policy[:B],
-        policy_rejected_token_logps=policy[B:],
-        ref_chosen_token_logps=ref[:B],
-        ref_rejected_token_logps=ref[B:],
-        chosen_mask=pair["response_mask"][:B],
-        rejected_mask=pair["response_mask"][B:],
+        Side(policy[:B], pair["response_mask"][:B], ref_token_logps=ref[:B]),
+        Side(policy[B:], pair["response_mask"][B:], ref_token_logps=ref[B:]),
     )
     return {
         "eval/loss": obj.losses,

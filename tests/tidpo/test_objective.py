@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tidpo import PRESETS, LossConfig, dpo_loss, metric_sums, reduce_sums, tidpo_objective
+from tidpo import PRESETS, LossConfig, Side, dpo_loss, metric_sums, reduce_sums, tidpo_objective
 
 
 def _batch(seed=0, B=3, T=6):
@@ -16,24 +16,19 @@ def _batch(seed=0, B=3, T=6):
     r_mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)[:B]
     scores = torch.rand(B, T, generator=g), torch.rand(B, T, generator=g)
     return dict(
-        policy_chosen_token_logps=pc,
-        policy_rejected_token_logps=pr,
-        ref_chosen_token_logps=rc,
-        ref_rejected_token_logps=rr,
-        chosen_mask=c_mask,
-        rejected_mask=r_mask,
-        chosen_scores=scores[0],
-        rejected_scores=scores[1],
+        chosen=Side(pc, c_mask, ref_token_logps=rc, scores=scores[0]),
+        rejected=Side(pr, r_mask, ref_token_logps=rr, scores=scores[1]),
     )
 
 
 def _seq_sums(b):
     s = lambda x, m: (x * m).sum(-1)  # noqa: E731
+    c, r = b["chosen"], b["rejected"]
     return (
-        s(b["policy_chosen_token_logps"], b["chosen_mask"]),
-        s(b["policy_rejected_token_logps"], b["rejected_mask"]),
-        s(b["ref_chosen_token_logps"], b["chosen_mask"]),
-        s(b["ref_rejected_token_logps"], b["rejected_mask"]),
+        s(c.policy_token_logps, c.mask),
+        s(r.policy_token_logps, r.mask),
+        s(c.ref_token_logps, c.mask),
+        s(r.ref_token_logps, r.mask),
     )
 
 
@@ -51,8 +46,8 @@ def test_uniform_weights_gamma_zero_alpha_zero_is_sigmoid_dpo(base):
 
 def test_policy_equals_reference_gives_ln2_for_any_weights():
     b = _batch()
-    b["ref_chosen_token_logps"] = b["policy_chosen_token_logps"].clone()
-    b["ref_rejected_token_logps"] = b["policy_rejected_token_logps"].clone()
+    for side in ("chosen", "rejected"):
+        b[side] = b[side]._replace(ref_token_logps=b[side].policy_token_logps.clone())
     out = tidpo_objective(LossConfig(gamma=0.0), **b)
     assert_close(out.losses, torch.full((3,), math.log(2)))
     assert torch.all(out.metrics["rewards/chosen"] == 0)
@@ -64,14 +59,8 @@ def test_weighted_margin_hand_worked():
     mask = torch.tensor([[True, True]])
     out = tidpo_objective(
         LossConfig(gamma=0.0, beta=0.1),
-        policy_chosen_token_logps=torch.tensor([[-1.0, -1.0]]),
-        ref_chosen_token_logps=torch.tensor([[-1.5, -2.5]]),
-        policy_rejected_token_logps=torch.tensor([[-2.0, -1.0]]),
-        ref_rejected_token_logps=torch.tensor([[-1.0, -1.0]]),
-        chosen_mask=mask,
-        rejected_mask=mask,
-        chosen_scores=torch.ones(1, 2),
-        rejected_scores=torch.ones(1, 2),
+        chosen=Side(torch.tensor([[-1.0, -1.0]]), mask, torch.tensor([[-1.5, -2.5]]), torch.ones(1, 2)),
+        rejected=Side(torch.tensor([[-2.0, -1.0]]), mask, torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2)),
     )
     assert_close(out.losses, torch.tensor([math.log1p(math.exp(-0.3))]))
 
@@ -106,25 +95,22 @@ def test_triplet_needs_anchors_and_adds_gamma_times_loss():
     cfg = LossConfig(gamma=0.5, margin=1.0)
     with pytest.raises(ValueError, match="anchor"):
         tidpo_objective(cfg, **b)
-    anchor = dict(
-        policy_anchor_token_logps=b["policy_chosen_token_logps"] + 0.1,
-        ref_anchor_token_logps=b["ref_chosen_token_logps"],
-        anchor_mask=b["chosen_mask"],
-    )
-    with_trip = tidpo_objective(cfg, **b, **anchor)
+    c = b["chosen"]
+    anchor = Side(c.policy_token_logps + 0.1, c.mask, ref_token_logps=c.ref_token_logps)
+    with_trip = tidpo_objective(cfg, **b, anchor=anchor)
     without = tidpo_objective(LossConfig(gamma=0.0, margin=1.0), **b)
     assert_close(with_trip.losses, without.losses + 0.5 * with_trip.metrics["loss/triplet"])
     # anchor = chosen + 0.1 per token: d(a, w) = 0.01 * n_chosen
-    assert_close(with_trip.metrics["triplet/positive_distance"], 0.01 * b["chosen_mask"].sum(-1).float())
+    assert_close(with_trip.metrics["triplet/positive_distance"], 0.01 * c.mask.sum(-1).float())
 
 
 def test_sequence_span_requires_span_masks_and_counts_degenerate_rows():
     b = _batch()
     with pytest.raises(ValueError, match="span=sequence"):
         tidpo_objective(LossConfig(span="sequence", gamma=0.0), **b)
-    b["chosen_scores"] = torch.zeros_like(b["chosen_scores"])
     span = torch.ones(3, 6, dtype=torch.bool)
-    out = tidpo_objective(LossConfig(span="sequence", gamma=0.0), **b, chosen_span_mask=span, rejected_span_mask=span)
+    chosen = b["chosen"]._replace(scores=torch.zeros_like(b["chosen"].scores), span_mask=span)
+    out = tidpo_objective(LossConfig(span="sequence", gamma=0.0), chosen, b["rejected"]._replace(span_mask=span))
     assert int(out.counts["weights/zero_attribution"]) == 3
     # sequence span: weights have mean 1 over 6 positions, so the response share is not mean 1 in general
     assert not torch.allclose(out.metrics["weights/chosen_response_mean"], torch.ones(3))
@@ -134,7 +120,8 @@ def test_loop_equals_vectorised_and_sums_are_split_invariant():
     b = _batch(seed=4)
     cfg = LossConfig(gamma=0.0)
     full = tidpo_objective(cfg, **b)
-    parts = [tidpo_objective(cfg, **{k: v[i : i + 1] for k, v in b.items()}) for i in range(3)]
+    rows = lambda side, i: Side(*(None if v is None else v[i : i + 1] for v in side))  # noqa: E731
+    parts = [tidpo_objective(cfg, rows(b["chosen"], i), rows(b["rejected"], i)) for i in range(3)]
     assert_close(torch.cat([p.losses for p in parts]), full.losses)
     summed = {
         k: sum(metric_sums(p.metrics, p.counts)[k] for p in parts) for k in metric_sums(full.metrics, full.counts)
@@ -148,13 +135,17 @@ def test_loop_equals_vectorised_and_sums_are_split_invariant():
 
 def test_gradient_flows_to_policy_only():
     b = _batch()
-    for k in ("policy_chosen_token_logps", "policy_rejected_token_logps", "ref_chosen_token_logps"):
-        b[k] = b[k].clone().requires_grad_(True)
-    tidpo_objective(LossConfig(gamma=0.0), **b).loss.backward()
-    assert b["policy_chosen_token_logps"].grad.abs().sum() > 0
-    assert b["ref_chosen_token_logps"].grad is None
+    c, r = b["chosen"], b["rejected"]
+    c = c._replace(
+        policy_token_logps=c.policy_token_logps.clone().requires_grad_(True),
+        ref_token_logps=c.ref_token_logps.clone().requires_grad_(True),
+    )
+    r = r._replace(policy_token_logps=r.policy_token_logps.clone().requires_grad_(True))
+    tidpo_objective(LossConfig(gamma=0.0), c, r).loss.backward()
+    assert c.policy_token_logps.grad.abs().sum() > 0
+    assert c.ref_token_logps.grad is None
     # masked-out positions get no gradient
-    assert torch.all(b["policy_chosen_token_logps"].grad[~b["chosen_mask"]] == 0)
+    assert torch.all(c.policy_token_logps.grad[~c.mask] == 0)
 
 
 def test_rpo_alpha_adds_the_chosen_mean_nll():
@@ -162,6 +153,6 @@ def test_rpo_alpha_adds_the_chosen_mean_nll():
     b = _batch()
     base = tidpo_objective(LossConfig(gamma=0.0), **b)
     rpo = tidpo_objective(LossConfig(gamma=0.0, rpo_alpha=0.5), **b)
-    nll = -(b["policy_chosen_token_logps"] * b["chosen_mask"]).sum(-1) / b["chosen_mask"].sum(-1)
+    nll = -(b["chosen"].policy_token_logps * b["chosen"].mask).sum(-1) / b["chosen"].mask.sum(-1)
     assert_close(rpo.losses, base.losses + 0.5 * nll)
     assert_close(rpo.metrics["loss/nll"], nll)
