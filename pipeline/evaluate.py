@@ -250,13 +250,23 @@ def benchmark_section(cfg: RunConfig, model, tok, names: list[str]) -> tuple[dic
     results: dict[str, Any] = {}
     for name in names:
         path, limit = getattr(cfg.eval, f"{name}_path"), cfg.eval.benchmark_limit
-        results[name] = run_benchmark(name, path, generate=generate_texts, loglik=loglik, limit=limit)
+        options = _benchmark_options(cfg, name)
+        results[name] = run_benchmark(name, path, generate=generate_texts, loglik=loglik, limit=limit, **options)
         metrics |= {f"eval/{name}/{k}": v for k, v in flatten(results[name], sep="/").items() if _is_number(v)}
     return metrics, results
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Entry points.
+
+
+def _benchmark_options(cfg: RunConfig, name: str) -> dict[str, Any]:
+    """Evaluator options from ``eval.*``: HumanEval's per-program time limit."""
+    if name != "humaneval":
+        return {}
+    from evaluation.benchmarks.sandbox import SandboxLimits
+
+    return {"limits": SandboxLimits(timeout_s=cfg.eval.code_timeout_s)}
 
 
 def _is_number(v: Any) -> bool:

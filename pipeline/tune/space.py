@@ -3,9 +3,10 @@
 A spec is a one-key mapping: ``{"uniform": [low, high]}``, ``{"loguniform": [low, high]}`` (low > 0),
 ``{"choice": [v1, v2, ...]}`` (sampled) or ``{"grid": [v1, v2, ...]}`` (every value, Tune's ``grid_search``).
 Parsing is pure (no Ray): every key must exist in the run config, lie in a searchable section (``loss.*``,
-``train.*``: the trials share one prepared dataset, anchor set and reference cache built from the base config),
-and every endpoint / listed value must give a valid config. Searching a value that would need inputs the base
-config does not build (anchors for gamma > 0, a different reference mode) is refused up front.
+``train.*``: the trials share one prepared dataset), and every endpoint / listed value must give a valid config
+and stage plan. A value that needs other inputs than the base config's (anchors for gamma > 0, another
+reference kind or anchor context, e.g. a search over ``loss.preset``) is served by the trial's own plan: it
+builds those inputs itself, cached by fingerprint (:mod:`pipeline.tune.trial`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def parse_space(cfg: RunConfig) -> list[Param]:
         if not key.startswith(SEARCHABLE):
             raise ConfigError(
                 f"tune.space: {key!r} cannot be searched; only {', '.join(s + '*' for s in SEARCHABLE)} keys "
-                "(the data, model, anchors and reference are built once and shared by all trials)"
+                "(the data and the model are shared by all trials)"
             )
         param = _parse_spec(key, spec)
         for value in param.endpoints():

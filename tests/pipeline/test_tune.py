@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, from_dict, load_config
 from pipeline.tune.space import DEFAULT_SPACE, Param, num_trials, parse_space, tune_space
 from pipeline.tune.trial import trial_config
+from tidpo.config import LossConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,7 +62,7 @@ def test_parse_space_every_kind_and_tune_domains():
         ({"loss.beta": {"loguniform": [0, 1]}}, [], "low must be > 0"),
         ({"loss.sigma_div": {"choice": []}}, [], "expected a non-empty list"),
         ({"loss.lam": {"uniform": [0, 1.5]}}, [], "value 1.5 is invalid: loss.lam must be in [0, 1]"),
-        ({"loss.gamma": {"choice": [0, 0.1]}}, [], "turns the triplet term on"),
+        ({"loss.gamma": {"choice": [0, 0.1]}}, ["train.anchors=none"], "needs anchors"),
         ({"loss.lam": {"grid": [0.1, 0.9]}}, ["tune.search_alg=optuna"], "optuna cannot take grid"),
         ({"loss.lam": {"uniform": [0, 1]}}, ["tune.search_alg=grid"], "ranges: loss.lam"),
     ],
@@ -99,7 +100,9 @@ def _mlflow_children(out: Path, parent: str):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_small_search_end_to_end(ray_cluster, tmp_path):
-    """2 trials x 6 steps on 1 worker: outputs, best.yaml, MLflow parent + 2 children, reference computed once."""
+    """2 trials x 6 steps on 1 worker, one per preset (a grid over loss.preset): outputs, best.yaml, MLflow
+    parent + 2 children, reference computed once, and each trial's resolved loss is its preset's (with the
+    sampled and the base's explicit keys on top), not the base's loss relabelled."""
     from pipeline.tune import main
 
     out = tmp_path / "out"
@@ -112,10 +115,10 @@ def test_small_search_end_to_end(ray_cluster, tmp_path):
         "train.max_steps=6",
         "train.save_every=0",
         "train.warmup_steps=1",
-        "tune.num_samples=2",
+        "tune.num_samples=1",
         "tune.scheduler=fifo",
         "tune.eval_every=3",
-        "tune.space={loss.lam: {uniform: [0, 1]}, loss.sigma_div: {choice: [2, 8]}}",
+        "tune.space={loss.lam: {uniform: [0, 1]}, loss.sigma_div: {choice: [2, 8]}, loss.preset: {grid: [dpo, paper]}}",
     ]
     cfg = load_config(None, overrides)
     args = SimpleNamespace(resume=False, force=False)
@@ -132,10 +135,18 @@ def test_small_search_end_to_end(ray_cluster, tmp_path):
     assert summary["best"]["trial_id"] == best["trial_id"]
     assert math.isclose(summary["best"][metric], max(values))
     best_cfg = load_config(tune_dir / "best.yaml")
+    sampled = {"loss.lam": float(best["loss.lam"]), "loss.sigma_div": int(best["loss.sigma_div"])}
     assert best_cfg == trial_config(
-        load_config(None, [*overrides, "train.eval_every=3"]),
-        {"loss.lam": float(best["loss.lam"]), "loss.sigma_div": int(best["loss.sigma_div"])},
+        load_config(None, [*overrides, "train.eval_every=3"]), {**sampled, "loss.preset": best["loss.preset"]}
     )
+    assert sorted(r["loss.preset"] for r in rows) == ["dpo", "paper"]
+    for r in rows:
+        trial = from_dict(json.loads((tune_dir / "trials" / r["trial_id"] / "summary.json").read_text())["config"])
+        lam, sigma_div = float(r["loss.lam"]), int(r["loss.sigma_div"])
+        assert trial.loss == LossConfig.from_preset(r["loss.preset"], gamma=0.0, lam=lam, sigma_div=sigma_div)
+    weightings = {r["loss.preset"]: from_dict(json.loads((tune_dir / "trials" / r["trial_id"] / "summary.json")
+                  .read_text())["config"]).loss.weighting for r in rows}  # fmt: skip
+    assert weightings == {"dpo": "uniform", "paper": "attribution"}
     assert (tune_dir / "metric_vs_lambda_sigma.png").stat().st_size > 10_000
     # MLflow: one parent, one FINISHED child per trial, each with per-step and final metrics.
     children = _mlflow_children(out, summary["mlflow_parent_run_id"])
