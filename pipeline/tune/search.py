@@ -8,7 +8,6 @@ run), and the outputs written by :mod:`pipeline.tune.report`. An unfinished sear
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -38,8 +37,9 @@ def base_config(cfg: RunConfig) -> RunConfig:
 
 def fingerprint(base: RunConfig, params: list[Param]) -> str:
     """What makes two searches the same search (the base config, the space, the search settings)."""
-    text = json.dumps([to_dict(base), [(p.key, p.kind, list(p.values)) for p in params]], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    from pipeline.fingerprint import digest
+
+    return digest([to_dict(base), [(p.key, p.kind, list(p.values)) for p in params]])
 
 
 def _reference_dirs(cfg: RunConfig) -> dict[str, float]:
