@@ -88,7 +88,7 @@ def kl_metrics(
       drawn with top-k/top-p filtering or a temperature other than 1); on dataset tokens, just the mean log-ratio.
     - ``{prefix}/full_per_token`` (only when ``full_kl`` is given): ``full_kl`` is (B,) sums over response tokens
       of the full-vocabulary KL(pi_ref(.|prefix) || pi(.|prefix)), as ``tidpo.tdpo_kl`` computes it (TDPO's
-      sequential KL, TIDPO.md section 4); reported per token: mean over examples of full_kl / response length.
+      sequential KL, docs/ALGORITHM.md section 7); reported per token: mean over examples of full_kl / response length.
       Exact at each observed prefix, so it is a KL whichever tokens were observed.
     """
     out = {f"{prefix}/logratio_per_token": mean_token_logratio(policy_token_logps, ref_token_logps, mask).mean()}

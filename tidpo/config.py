@@ -1,4 +1,4 @@
-"""The typed loss configuration and the two TI-DPO presets (TIDPO.md, "Presets").
+"""The typed loss configuration and the two TI-DPO presets (docs/ALGORITHM.md section 12, "Presets").
 
 Pure standard library: the pipeline nests :class:`LossConfig` in its run config, and users of the bare
 algorithm build one directly (``LossConfig.from_preset("paper", gamma=0.0)``).
@@ -16,7 +16,7 @@ Weighting = Literal["attribution", "uniform", "random"]
 Span = Literal["response", "sequence"]
 AnchorContext = Literal["prompt", "chosen_prefix"]
 
-# Each preset is a complete set of loss switches; a user's explicit values override them (TIDPO.md table).
+# Each preset is a complete set of loss switches; a user's explicit values override them (docs/ALGORITHM.md section 12).
 # "paper": arXiv 2505.19653 as written. "official": the authors' released code. "dpo": plain sigmoid DPO.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {

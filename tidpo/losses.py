@@ -27,7 +27,7 @@ class PreferenceLoss(NamedTuple):
 def weighted_logratio(
     policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """m(y) = sum_t W_t * (log pi_theta(y_t) - log pi_ref(y_t)) over ``mask`` (TIDPO.md section 4).
+    """m(y) = sum_t W_t * (log pi_theta(y_t) - log pi_ref(y_t)) over ``mask`` (docs/ALGORITHM.md section 6).
 
     Args:
         policy_token_logps, ref_token_logps, weights: (B, T). mask: (B, T) bool (response tokens).
@@ -147,7 +147,7 @@ def tdpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> PreferenceLoss:
-    """TDPO2 (Zeng et al. 2024, eq. 17; TI-DPO's official-code base loss, TIDPO.md section 4).
+    """TDPO2 (Zeng et al. 2024, eq. 17; TI-DPO's official-code base loss, docs/ALGORITHM.md section 7).
 
     z = m(y_w) - m(y_l) - alpha * (K(y_l) - stopgrad(K(y_w))), loss by ``margin_losses`` (TDPO: sigmoid).
     Rewards follow the TDPO code: beta * (m(y) + K(y)), detached.
@@ -192,7 +192,7 @@ def triplet_loss(
     *,
     margin: float,
 ) -> TripletLoss:
-    """TI-DPO triplet loss relu(d(a, y_w) - d(a, y_l) + margin) per example (TIDPO.md section 5).
+    """TI-DPO triplet loss relu(d(a, y_w) - d(a, y_l) + margin) per example (docs/ALGORITHM.md section 9).
 
     Each response is embedded as its vector of per-token log-ratios, LEFT-ALIGNED (index 0 = first response
     token; see ``tidpo.logps.left_align``); d sums squared differences over positions present in both.

@@ -1,4 +1,4 @@
-"""The TI-DPO objective composed from a :class:`~tidpo.config.LossConfig` (docs/ALGORITHM.md section 9).
+"""The TI-DPO objective composed from a :class:`~tidpo.config.LossConfig` (docs/ALGORITHM.md section 11).
 
 L_b = L_pref(b) + gamma * L_triplet(b) + rpo_alpha * NLL(b), and the loss is mean_b L_b. L_pref is the weighted
 DPO (paper), TDPO2 (authors' code) or SimPO base loss. Every tensor is label-aligned (B, T); masks are bool.
@@ -120,7 +120,7 @@ def token_weights(
     """Weights (B, T) for one side of the pair, plus (B,) flags: all-zero attribution, empty span.
 
     ``uniform`` ignores the span (ones on the response, exactly DPO); ``random`` and ``attribution`` (hybrid
-    of normalised scores and the Gaussian prior, docs/ALGORITHM.md section 4) have mean 1 over ``span_mask``.
+    of normalised scores and the Gaussian prior, docs/ALGORITHM.md section 5) have mean 1 over ``span_mask``.
     """
     empty = ~span_mask.any(-1)
     no_flag = torch.zeros_like(empty)
@@ -157,7 +157,7 @@ def side_kl(side: Side, like: torch.Tensor) -> torch.Tensor:
 def preference_term(
     cfg: LossConfig, chosen_sums: torch.Tensor, rejected_sums: torch.Tensor, chosen: Side, rejected: Side
 ) -> PreferenceLoss:
-    """The base preference loss on weighted log-ratio sums m(y) (docs/ALGORITHM.md sections 5-6).
+    """The base preference loss on weighted log-ratio sums m(y) (docs/ALGORITHM.md sections 6-8).
 
     dpo: DPO family on z = m(y_w) - m(y_l); tdpo: TDPO2, z also gets - alpha_kl (K(y_l) - sg K(y_w)); simpo:
     SimPO on m(y) / |y|. For loss_type=ipo, m(y) is first divided by the response length (as TRL).
@@ -201,7 +201,7 @@ def triplet_term(
     margin: float,
 ) -> TripletLoss:
     """``triplet_loss`` on (B, T*) label-aligned per-token log-ratios and bool masks, each side left-aligned
-    first so index 0 is the first response token whatever the padding or prompt length (section 7)."""
+    first so index 0 is the first response token whatever the padding or prompt length (docs/ALGORITHM.md 9)."""
     a, a_mask = left_align(anchor_logratios, anchor_mask.bool())
     w, w_mask = left_align(chosen_logratios, chosen_mask.bool())
     r, r_mask = left_align(rejected_logratios, rejected_mask.bool())
@@ -216,7 +216,7 @@ def tidpo_objective(
     *,
     generator: torch.Generator | None = None,
 ) -> Objective:
-    """TI-DPO loss and metrics for one micro-batch (docs/ALGORITHM.md section 9).
+    """TI-DPO loss and metrics for one micro-batch (docs/ALGORITHM.md section 11).
 
     Args:
         cfg: the loss switches (a preset plus overrides); ``required_inputs(cfg)`` lists the optional

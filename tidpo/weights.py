@@ -1,4 +1,4 @@
-"""Token importance: gradient attribution, the Gaussian position prior and their hybrid (TIDPO.md 1-3).
+"""Token importance: gradient attribution, the Gaussian position prior and their hybrid (docs/ALGORITHM.md 3-5).
 
 A "model" here is any module with ``get_input_embeddings()`` that maps ``inputs_embeds`` (and
 ``attention_mask``; ``position_ids`` when its forward accepts them) to logits, or to an output with ``.logits``.
@@ -45,7 +45,7 @@ def call_model(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: to
 
 
 def _attribution_target(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of the max logit at each row's last valid position (TIDPO.md 1.2-1.3)."""
+    """Sum over rows of the max logit at each row's last valid position (docs/ALGORITHM.md section 3)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, last_valid_index(attention_mask)].max(-1).values.sum()
 
@@ -57,7 +57,7 @@ def forward_with_attribution(
 
     The embeddings are computed once; ``autograd.grad(target, embeds, retain_graph=True)`` gives
     d(max logit at the last valid position)/d(embeddings) without touching any parameter ``.grad``, and the
-    caller's loss backward then reuses the same graph (TIDPO.md "Known traps": no second forward). The
+    caller's loss backward then reuses the same graph (docs/ALGORITHM.md section 14: no second forward). The
     embeddings stay attached to the embedding matrix, so training updates it exactly as a plain forward would.
     Equal to ``attribution_scores`` plus a plain forward when dropout is off.
 
@@ -77,7 +77,7 @@ def forward_with_attribution(
 
 
 def attribution_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Raw gradient-attribution scores, the separate-pass definition (TIDPO.md section 1).
+    """Raw gradient-attribution scores, the separate-pass definition (docs/ALGORITHM.md section 3).
 
     I_t = || d max_v logits[last valid position, v] / d E_t ||_1 with E = embed(input_ids) a leaf, for each
     row independently (the target is summed over rows; rows do not interact). The model runs in eval mode
@@ -102,7 +102,7 @@ def attribution_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def gaussian_prior(mask: torch.Tensor, *, sigma_div: float) -> torch.Tensor:
-    """Gaussian position prior over each row's span, normalised to sum 1 (TIDPO.md section 2).
+    """Gaussian position prior over each row's span, normalised to sum 1 (docs/ALGORITHM.md section 4).
 
     For a span of n positions (t = 0..n-1 counted over ``mask``): P(t) = exp(-0.5 ((t - mu) / sigma)^2),
     mu = (n - 1) / 2, sigma = max(1, n / sigma_div); larger ``sigma_div`` = narrower prior.
@@ -124,7 +124,7 @@ def gaussian_prior(mask: torch.Tensor, *, sigma_div: float) -> torch.Tensor:
 
 
 def normalize_scores(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """I_norm = I / sum(I) over the span (TIDPO.md 1.5).
+    """I_norm = I / sum(I) over the span (docs/ALGORITHM.md section 3, step 5).
 
     Returns:
         (I_norm (B, T) float32, zero_rows (B,) bool): rows whose span scores are all zero get I_norm = 0 and
@@ -137,7 +137,7 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
 
 
 def hybrid_weights(scores: torch.Tensor, mask: torch.Tensor, *, lam: float, sigma_div: float) -> torch.Tensor:
-    """TI-DPO token weights W = lam * I_norm + (1 - lam) * P, rescaled to mean 1 over the span (TIDPO.md 3).
+    """TI-DPO token weights W = lam * I_norm + (1 - lam) * P, rescaled to mean 1 over the span (docs/ALGORITHM.md 5).
 
     lam = 0 gives the normalised prior scaled to mean 1 (not uniform weights). A row whose scores are all
     zero uses the prior in place of I_norm (``normalize_scores`` flags such rows for counting).

@@ -4,7 +4,7 @@
 functions beside it (:func:`anchor_context`, :func:`anchor_columns`) hold the row logic so it is tested
 without Ray.
 
-Anchor context (TIDPO.md section 5, loss.anchor_context):
+Anchor context (docs/ALGORITHM.md section 9, loss.anchor_context):
     - ``prompt`` (official code): the policy answers the prompt alone; the anchor is the sampled response.
     - ``chosen_prefix`` (paper): the policy continues from the prompt plus the first ``P`` tokens of the
       preferred response; the anchor is that prefix followed by the continuation, so it aligns position by

@@ -2,7 +2,7 @@
 
 On CPU the optimizer is torch's AdamW handed to DeepSpeed (no JIT-compiled FusedAdam/CPUAdam), and the
 shared-memory allreduce op DeepSpeed would JIT-build for CPU is not built: collectives go through gloo, which
-is correct and avoids a 45-100 s compile on every fresh machine (DEPENDENCIES.md).
+is correct and avoids a 45-100 s compile on every fresh machine (docs/DEPENDENCIES.md section 3, "DeepSpeed on CPU").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gaussian prior, hybrid weights and gradient attribution (TIDPO.md sections 1-3)."""
+"""Gaussian prior, hybrid weights and gradient attribution (docs/ALGORITHM.md sections 3-5)."""
 
 import math
 
