@@ -31,6 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from evaluation.nested import flatten
+
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 CMAP = "RdBu_r"
 WRAP = 88  # characters per line in the PNG heatmaps
@@ -73,14 +75,6 @@ def load_rounds(eval_dir: Path) -> dict[int, dict[str, Any]]:
     return dict(sorted(rounds.items()))
 
 
-def flatten(summary: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """Nested dicts -> one level, keys joined with ``sep`` (metric names keep their ``/``)."""
-    out: dict[str, Any] = {}
-    for key, value in summary.items():
-        out |= flatten(value, f"{prefix}{key}{sep}", sep) if isinstance(value, Mapping) else {f"{prefix}{key}": value}
-    return out
-
-
 def token_pieces(decode: Callable[[list[int]], str], ids: Sequence[int]) -> list[str]:
     """Display pieces of a token list whose concatenation is ``decode(ids)``: piece i is the text that token i
     adds, ``decode(ids[:i+1])`` minus ``decode(ids[:i])`` (so a multi-byte character split over byte tokens
@@ -112,7 +106,7 @@ def _fmt(value: Any) -> str:
 def summary_table(summary: Mapping[str, Any]) -> str:
     """An HTML table of every entry, grouped by the metric family (``eval/<family>/...``)."""
     rows, group = [], None
-    for key, value in flatten(summary).items():
+    for key, value in flatten(summary, keep_empty=False).items():
         parts = key.split("/")
         family = parts[1] if parts[0] == "eval" and len(parts) > 2 else parts[0].split(".")[0]
         if family != group:
@@ -160,7 +154,7 @@ def rounds_section(rounds: Mapping[int, Mapping[str, Any]], eval_dir: Path) -> s
     """Table (rounds x key metrics) and a PNG of the same metrics against the round index."""
     if not rounds:
         return '<p class="note">No per-round results (eval/round-&lt;k&gt;/summary.json) in this run.</p>'
-    flat = {k: flatten(v) for k, v in rounds.items()}
+    flat = {k: flatten(v, keep_empty=False) for k, v in rounds.items()}
     keys = [k for k in ROUND_KEYS if any(k in f for f in flat.values())]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join(

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
+from evaluation.nested import flatten  # noqa: F401  (re-exported: the config API's flatten)
+
 MAX_CONFIG_BYTES = 1 << 20
 """A config file larger than this is refused (configs are a few kB)."""
 MAX_YAML_NODES = 100_000
@@ -237,14 +239,3 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and Tune search spaces)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

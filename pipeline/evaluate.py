@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from evaluation.diversity import diversity_metrics
+from evaluation.nested import flatten
 from evaluation.preference import implicit_reward_metrics, kl_metrics, weight_diagnostics
-from evaluation.report import flatten, render_from_saved, token_pieces, write_report
+from evaluation.report import render_from_saved, token_pieces, write_report
 from pipeline.config import ConfigError, RunConfig, to_dict
 from pipeline.models import load_pretrained
 
@@ -252,7 +253,9 @@ def benchmark_section(cfg: RunConfig, model, tok, names: list[str]) -> tuple[dic
         path, limit = getattr(cfg.eval, f"{name}_path"), cfg.eval.benchmark_limit
         options = _benchmark_options(cfg, name)
         results[name] = run_benchmark(name, path, generate=generate_texts, loglik=loglik, limit=limit, **options)
-        metrics |= {f"eval/{name}/{k}": v for k, v in flatten(results[name], sep="/").items() if _is_number(v)}
+        metrics |= {
+            f"eval/{name}/{k}": v for k, v in flatten(results[name], sep="/", keep_empty=False).items() if _is_number(v)
+        }
     return metrics, results
 
 
