@@ -56,7 +56,9 @@ def read_eval_split(output_dir: str | Path):
     """The prepared eval split (``<out>/data/eval/*.parquet``) as a DataFrame ordered by ``row_id``."""
     import pandas as pd
 
-    files = sorted((Path(output_dir) / "data" / "eval").glob("*.parquet"))
+    from pipeline.plan import Layout
+
+    files = sorted(Layout(Path(output_dir)).split("eval").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no eval split in {Path(output_dir) / 'data' / 'eval'}: run `tidpo prepare` first")
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
@@ -305,7 +307,9 @@ def fingerprint(cfg: RunConfig, policy: str, reference: str) -> str:
     from pipeline.fingerprint import digest, folder_fingerprint, model_fingerprint
 
     state = {k: to_dict(getattr(cfg, k)) for k in ("eval", "loss", "model", "data")}
-    eval_split = Path(cfg.output_dir) / "data" / "eval"
+    from pipeline.plan import Layout
+
+    eval_split = Layout(Path(cfg.output_dir)).split("eval")
     state |= {
         "seed": cfg.seed,
         "policy": model_fingerprint(policy, cfg.model, cfg.seed),

@@ -55,8 +55,10 @@ META_COLUMNS = [
 
 
 def data_dir(output_dir: str | Path) -> Path:
-    """``<output_dir>/data``: where the splits, manifest and quarantine file live."""
-    return Path(output_dir) / "data"
+    """``<output_dir>/data``: where the splits, manifest and quarantine file live (the run plan's layout)."""
+    from pipeline.plan import Layout
+
+    return Layout(Path(output_dir)).data
 
 
 @functools.lru_cache(maxsize=4)
