@@ -9,7 +9,7 @@ fields a config needs. ``tidpo_objective`` composes small pure functions, each t
     -> preference_metrics, weight_metrics, triplet_metrics
 
 Metrics come back UNREDUCED: per-example (B,) tensors under TRL's names plus ``loss/...``, ``weights/...``,
-``triplet/...``, ``kl/...``; degenerate events (all-zero attribution, empty span, no anchor overlap) are counted
+``triplet/...``, ``kl/...``; degenerate events (all-zero attribution, empty span, anchor without tokens) are counted
 in ``counts``. Their reduction over micro-batches and ranks is in :mod:`tidpo.metrics`.
 """
 
