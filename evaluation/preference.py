@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tidpo.logps import masked_sum
+from tidpo.metrics import weight_entropy as tidpo_weight_entropy
 
 
 def implicit_rewards(
@@ -115,9 +116,8 @@ def weight_entropy(weights: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     (1 = uniform weights, lower = weight concentrated on few tokens). Rows with n = 1 give ratio NaN.
     Returns two (B,) float64 tensors.
     """
-    p = _span_probs(weights, mask)
-    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))
-    entropy = -plogp.sum(-1)
+    _span_probs(weights, mask)  # raises on a row without positive weight
+    entropy = tidpo_weight_entropy(weights.double(), mask)
     n = mask.sum(-1).double()
     ratio = torch.where(n > 1, entropy / torch.log(n.clamp_min(2)), torch.full_like(n, math.nan))
     return entropy, ratio

@@ -37,14 +37,21 @@ def preference_metrics(
     }
 
 
+def weight_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) entropy in nats of the weights normalised over each row's masked tokens (the one definition):
+    H = -sum_t p_t ln p_t, p_t = w_t / sum_mask w, 0 ln 0 = 0; a row without positive weight gives 0.
+    weights (B, T), mask (B, T) bool; computed in the weights' dtype."""
+    w = torch.where(mask, weights, torch.zeros_like(weights))
+    p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    return -masked_sum(torch.where(p > 0, p * p.clamp(min=1e-12).log(), torch.zeros_like(p)), mask)
+
+
 def weight_diagnostics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """(B,) mean weight on response tokens (1 unless the span is the whole sequence), max weight, and the
     entropy (nats) of the weights normalised over the response. weights (B, T), mask (B, T) bool."""
     n = mask.sum(-1).clamp(min=1)
     w = torch.where(mask, weights, torch.zeros_like(weights))
-    p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-    entropy = -masked_sum(torch.where(p > 0, p * p.clamp(min=1e-12).log(), torch.zeros_like(p)), mask)
-    return {"response_mean": w.sum(-1) / n, "max": w.max(-1).values, "entropy": entropy}
+    return {"response_mean": w.sum(-1) / n, "max": w.max(-1).values, "entropy": weight_entropy(weights, mask)}
 
 
 def weight_metrics(
