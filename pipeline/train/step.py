@@ -65,19 +65,20 @@ def reference_outputs(
     return token_logps(logits, pack["input_ids"][:, 1:]), (logits if need_logits else None)
 
 
-def _anchor_inputs(cfg: LossConfig, models: StepModels, anchor: dict[str, torch.Tensor]) -> dict[str, Any]:
-    logits = _logits(models.policy, anchor)[:, :-1]
-    policy = token_logps(logits, anchor["input_ids"][:, 1:])
-    out: dict[str, Any] = {"policy_anchor_token_logps": policy, "anchor_mask": anchor["response_mask"]}
-    if cfg.needs_reference:
-        out["ref_anchor_token_logps"], _ = reference_outputs(models, anchor, need_logits=False)
-    return out
+def _anchor_side(cfg: LossConfig, models: StepModels, anchor: dict[str, torch.Tensor]) -> Side:
+    policy = token_logps(_logits(models.policy, anchor)[:, :-1], anchor["input_ids"][:, 1:])
+    ref = reference_outputs(models, anchor, need_logits=False)[0] if cfg.needs_reference else None
+    return Side(policy, anchor["response_mask"], ref_token_logps=ref)
 
 
 def preference_step(
     cfg: LossConfig, models: StepModels, batch: dict[str, Any], *, generator: torch.Generator | None = None
 ) -> Objective:
-    """Loss and per-example metrics of one micro-batch (``pipeline.batching.collate_pairs`` output, on device)."""
+    """Loss and per-example metrics of one micro-batch (``pipeline.batching.collate_pairs`` output, on device).
+
+    Every per-token input is computed once over the 2B concatenated sequences, then split into the chosen
+    (first B) and rejected (last B) :class:`tidpo.Side`.
+    """
     pair, B = batch["pair"], batch["num_pairs"]
     ids, attention = pair["input_ids"], pair["attention_mask"]
     if cfg.weighting == "attribution" and models.shared_attribution:
@@ -89,43 +90,23 @@ def preference_step(
     else:
         logits, scores = _logits(models.policy, pair), None
     logits = logits[:, :-1]
-    policy = token_logps(logits, ids[:, 1:])
-    kwargs: dict[str, Any] = {}
+    both: dict[str, torch.Tensor | None] = {
+        "policy_token_logps": token_logps(logits, ids[:, 1:]),
+        "mask": pair["response_mask"],
+        "scores": scores,
+        "span_mask": pair["span_mask"] if cfg.span == "sequence" else None,
+    }
     if cfg.needs_reference:
-        ref, ref_logits = reference_outputs(models, pair, need_logits=cfg.needs_ref_logits)
-        kwargs["ref_chosen_token_logps"], kwargs["ref_rejected_token_logps"] = split_pair(ref, B)
+        both["ref_token_logps"], ref_logits = reference_outputs(models, pair, need_logits=cfg.needs_ref_logits)
         if ref_logits is not None:
-            kl = tdpo_kl(logits, ref_logits, pair["response_mask"])
-            kwargs["chosen_kl"], kwargs["rejected_kl"] = split_pair(kl, B)
-    if scores is not None:
-        kwargs["chosen_scores"], kwargs["rejected_scores"] = split_pair(scores, B)
-    if cfg.span == "sequence":
-        kwargs["chosen_span_mask"], kwargs["rejected_span_mask"] = split_pair(pair["span_mask"], B)
+            both["kl"] = tdpo_kl(logits, ref_logits, pair["response_mask"])
+    halves = {k: (None, None) if v is None else split_pair(v, B) for k, v in both.items()}
+    chosen, rejected = (Side(**{k: v[i] for k, v in halves.items()}) for i in (0, 1))
+    anchor = None
     if cfg.uses_triplet:
         if "anchor" not in batch:
             raise ValueError("loss.gamma > 0 but the batch has no anchors (train.anchors=none?)")
-        kwargs.update(_anchor_inputs(cfg, models, batch["anchor"]))
-    policy_c, policy_r = split_pair(policy, B)
-    mask_c, mask_r = split_pair(pair["response_mask"], B)
-    chosen = Side(
-        policy_c,
-        mask_c,
-        ref_token_logps=kwargs.get("ref_chosen_token_logps"),
-        scores=kwargs.get("chosen_scores"),
-        span_mask=kwargs.get("chosen_span_mask"),
-        kl=kwargs.get("chosen_kl"),
-    )
-    rejected = Side(
-        policy_r,
-        mask_r,
-        ref_token_logps=kwargs.get("ref_rejected_token_logps"),
-        scores=kwargs.get("rejected_scores"),
-        span_mask=kwargs.get("rejected_span_mask"),
-        kl=kwargs.get("rejected_kl"),
-    )
-    anchor = None
-    if cfg.uses_triplet:
-        anchor = Side(kwargs["policy_anchor_token_logps"], kwargs["anchor_mask"], kwargs.get("ref_anchor_token_logps"))
+        anchor = _anchor_side(cfg, models, batch["anchor"])
     return tidpo_objective(cfg, chosen, rejected, anchor, generator=generator)
 
 
