@@ -82,15 +82,7 @@ def _hf_rows(batch: Any, *, source: str) -> Any:
     import pyarrow as pa
 
     rows = batch.to_pylist()
-    out = [
-        {
-            "source": source,
-            "index": int(r.pop("__index__")),
-            "raw": json.dumps(r, ensure_ascii=False, default=str),
-            "error": "",
-        }
-        for r in rows
-    ]
+    out = [sources.record_row(source, int(r.pop("__index__")), r, sources.MAX_ROW_BYTES) for r in rows]
     return pa.Table.from_pylist(out)
 
 

@@ -82,11 +82,37 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _raw_value(raw: str) -> Any:
+    """The record when ``raw`` is strict JSON (no NaN/Infinity), else the text itself."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, TypeError):
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, TypeError, RecursionError):
         return raw
+
+
+def quarantine_line(record: Mapping[str, Any]) -> str:
+    """One quarantine record as a line of strict JSON that is valid UTF-8, whatever the row held."""
+    rec = {
+        "source": str(record["source"]),
+        "index": int(record["index"]),
+        "reason": str(record["reason"]),
+        "detail": str(record["detail"]),
+        "raw": _raw_value(record["raw"] or ""),
+    }
+    try:
+        line = json.dumps(rec, ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):  # a record that does not print back: keep its text
+        rec = {**rec, "raw": str(record["raw"] or "")}
+        line = json.dumps(rec, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: escaped, so the file stays UTF-8
+        line = json.dumps(rec, ensure_ascii=True)
+    return line
 
 
 def write_quarantine(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
@@ -94,14 +120,7 @@ def write_quarantine(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
     n = 0
     with path.open("w", encoding="utf-8") as f:
         for r in records:
-            rec = {
-                "source": r["source"],
-                "index": int(r["index"]),
-                "reason": r["reason"],
-                "detail": r["detail"],
-                "raw": _raw_value(r["raw"]),
-            }
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.write(quarantine_line(r) + "\n")
             n += 1
     return n
 

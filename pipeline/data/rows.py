@@ -54,7 +54,7 @@ EXTRA_COLUMNS = EXTRA_SCHEMA.names
 
 
 def _sha(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def _empty(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +74,11 @@ def _parse(row: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> Pair:
     if row["error"]:
         reason, _, detail = row["error"].partition(":")
         raise RowError(reason, detail)
-    return parse_record(json.loads(row["raw"]), fmt, fields)
+    try:
+        record = json.loads(row["raw"])
+    except (ValueError, RecursionError) as exc:  # the readers check this; rows from elsewhere may not be
+        raise RowError("bad_json", " ".join(str(exc).split())[:120]) from None
+    return parse_record(record, fmt, fields)
 
 
 def _kept(row: Mapping[str, Any], pair: Pair, ids: tpl.PairIds) -> dict[str, Any]:

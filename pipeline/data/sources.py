@@ -4,13 +4,17 @@
 ``.jsonl``, ``.json`` (a list of records or an object of equal-length lists), ``.parquet``, ``.csv``, each
 optionally ``.gz``. A raw row is ``{"source", "index", "raw", "error"}``: ``index`` is the 0-based record number
 in its file (for JSONL the line number; blank lines are skipped and counted), ``raw`` the record as JSON text
-(or a readable prefix of what could not be decoded) and ``error`` a quarantine reason from reading
-(``bad_json``, ``invalid_utf8``) or ``""``. A file that cannot be read at all (a truncated gzip, a corrupt
-Parquet file, malformed JSON) raises :class:`DataFileError`, which names the file.
+(or a readable prefix of what could not be decoded or was too large) and ``error`` a quarantine reason from
+reading (``bad_json``, ``bad_number``, ``too_deep``, ``invalid_utf8``, ``row_too_large``, ``bad_csv``) or
+``""``: no bytes in a row make the reader raise. JSONL is streamed (a line over ``max_row_bytes`` is skipped
+through, not held), so memory stays flat; ``.json``/``.csv``/``.parquet`` are parsed whole, up to
+:data:`MAX_DOCUMENT_BYTES` decompressed. A file that cannot be read at all (a truncated gzip, a corrupt Parquet
+file, malformed JSON, too large) raises :class:`DataFileError`, which names the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
@@ -25,7 +29,13 @@ from typing import Any
 from pipeline.config import ConfigError
 
 KINDS = ("jsonl", "json", "parquet", "csv")
-PREFIX_CHARS = 500  # how much of an undecodable row the quarantine keeps
+PREFIX_CHARS = 500  # how much of an undecodable or oversized row the quarantine keeps
+MAX_ROW_BYTES = 1 << 20
+"""Default limit on one record's size (a JSONL line, or a record as JSON text); larger rows are quarantined
+as ``row_too_large`` instead of reaching the tokenizer (a 50 MB line took a tokenizer worker to 12 GB)."""
+MAX_DOCUMENT_BYTES = 1 << 30
+"""Largest decompressed ``.json``/``.csv``/``.parquet`` file: those are parsed whole, JSONL is streamed."""
+_CHUNK = 1 << 20
 
 
 class DataFileError(ConfigError):
@@ -69,62 +79,152 @@ def resolve_files(spec: str) -> list[Path]:
     return files
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's content, gunzipped if ``.gz``; a truncated or corrupt gzip raises :class:`DataFileError`."""
-    _, gz = file_kind(path)
+def _open(path: str | Path) -> Any:
+    """A binary stream of the file's content, gunzipped on the fly if ``.gz``."""
+    return gzip.open(path, "rb") if file_kind(path)[1] else open(path, "rb")  # noqa: SIM115
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[Any]:
+    """``_open`` with a truncated or corrupt gzip, or an unreadable file, as :class:`DataFileError`."""
     try:
-        data = Path(path).read_bytes()
-        return gzip.decompress(data) if gz else data
+        with _open(path) as handle:
+            yield handle
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataFileError(f"{path}: truncated or corrupt gzip file ({exc})") from None
     except OSError as exc:
         raise DataFileError(f"{path}: cannot read file ({exc})") from None
 
 
+def read_bytes(path: str | Path, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The whole (decompressed) content, read in chunks and refused past ``limit`` bytes (a gzip bomb stops
+    there instead of inflating in memory): :class:`DataFileError` naming the file."""
+    chunks, total = [], 0
+    with _reading(path) as handle:
+        while chunk := handle.read(_CHUNK):
+            total += len(chunk)
+            if total > limit:
+                raise DataFileError(
+                    f"{path}: decompresses to more than {limit} bytes; .json, .csv and .parquet files are read "
+                    "whole: split it, or use JSONL (streamed)"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def file_stats(path: str | Path) -> tuple[str, int]:
-    """(sha256 of the decompressed content, blank JSONL lines skipped); surfaces a truncated gzip early."""
-    data = read_bytes(path)
-    blank = 0
-    if file_kind(path)[0] == "jsonl":
-        lines = data.split(b"\n")
-        blank = sum(1 for line in lines if not line.strip()) - int(lines[-1] == b"")  # not the final newline
-    return hashlib.sha256(data).hexdigest(), blank
+    """(sha256 of the decompressed content, blank JSONL lines skipped), streamed in 1 MiB chunks; surfaces a
+    truncated gzip early. Memory stays flat whatever the file expands to."""
+    digest, blank = hashlib.sha256(), 0
+    jsonl = file_kind(path)[0] == "jsonl"
+    line_blank, line_len = True, 0  # the line being read spans chunks
+    with _reading(path) as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            if not jsonl:
+                continue
+            *ended, rest = chunk.split(b"\n")
+            for part in ended:
+                blank += line_blank and not part.strip()
+                line_blank, line_len = True, 0
+            line_blank, line_len = line_blank and not rest.strip(), line_len + len(rest)
+    blank += jsonl and line_len > 0 and line_blank  # a last line without a newline, whitespace only
+    return digest.hexdigest(), int(blank)
 
 
 def _row(source: str, index: int, raw: str, error: str = "") -> dict[str, Any]:
     return {"source": source, "index": index, "raw": raw, "error": error}
 
 
-def _jsonl_rows(data: bytes, source: str) -> Iterator[dict[str, Any]]:
-    for index, line in enumerate(data.split(b"\n")):
+def _lines(handle: Any, limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line without its newline, its length) per line; of a line over ``limit`` bytes only the first ``limit``
+    bytes are kept, the rest is read through in chunks."""
+    while line := handle.readline(limit + 1):
+        size = len(line) - line.endswith(b"\n")
+        if size > limit:
+            while more := handle.readline(_CHUNK):
+                size += len(more) - more.endswith(b"\n")
+                if more.endswith(b"\n"):
+                    break
+            line = line[:limit]
+        yield line.rstrip(b"\n"), size
+
+
+def _prefix(data: bytes) -> str:
+    return data[: 4 * PREFIX_CHARS].decode("utf-8", "replace")[:PREFIX_CHARS]
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:120]
+
+
+def json_problem(text: str) -> str:
+    """``""`` when ``text`` parses as JSON, else an error ``reason:detail`` (never raises)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"bad_json:{exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return "too_deep:nested deeper than the JSON parser's recursion limit"
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        return f"bad_number:{_short(exc)}"
+    return ""
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"row_too_large:{size} bytes > data.max_row_bytes={limit}"
+
+
+def _jsonl_rows(handle: Any, source: str, limit: int) -> Iterator[dict[str, Any]]:
+    for index, (line, size) in enumerate(_lines(handle, limit)):
+        if size > limit:
+            yield _row(source, index, _prefix(line), _too_large(size, limit))
+            continue
         if not line.strip():
             continue  # blank lines are not rows (counted by file_stats)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield _row(source, index, line.decode("utf-8", "replace")[:PREFIX_CHARS], f"invalid_utf8:byte {exc.start}")
+            yield _row(source, index, _prefix(line), f"invalid_utf8:byte {exc.start}")
             continue
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield _row(source, index, text[:PREFIX_CHARS], f"bad_json:{exc.msg} at column {exc.colno}")
-            continue
-        yield _row(source, index, text)
+        problem = json_problem(text)
+        yield _row(source, index, text[:PREFIX_CHARS] if problem else text, problem)
 
 
-def _dump(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False, default=str)
+def dump_record(record: Any) -> str:
+    """A record as JSON text that is valid UTF-8 (lone surrogates escaped), for the raw column."""
+    text = json.dumps(record, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record, ensure_ascii=True, default=str)
+    return text
 
 
-def _json_rows(data: bytes, source: str) -> Iterator[dict[str, Any]]:
+def record_row(source: str, index: int, record: Any, limit: int) -> dict[str, Any]:
+    """The raw row of one decoded record (JSON list, CSV, Parquet, HF): too deep or too large is an error row."""
+    try:
+        raw = dump_record(record)
+    except RecursionError:
+        return _row(source, index, "", "too_deep:nested deeper than the JSON encoder's recursion limit")
+    except ValueError as exc:  # an integer too long to print
+        return _row(source, index, "", f"bad_number:{_short(exc)}")
+    size = len(raw.encode("utf-8"))
+    if size > limit:
+        return _row(source, index, raw[:PREFIX_CHARS], _too_large(size, limit))
+    return _row(source, index, raw)
+
+
+def _json_rows(data: bytes, source: str, limit: int) -> Iterator[dict[str, Any]]:
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:200]
         if data.lstrip().startswith(b"{") and data.count(b"\n") > 1:
             raise DataFileError(
-                f"{source}: not valid JSON ({exc}); if it holds one record per line, name it .jsonl"
+                f"{source}: not valid JSON ({why}); if it holds one record per line, name it .jsonl"
             ) from None
-        raise DataFileError(f"{source}: not valid JSON ({exc})") from None
+        raise DataFileError(f"{source}: not valid JSON ({why})") from None
     if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
         lengths = {k: len(v) for k, v in doc.items()}
         if len(set(lengths.values())) != 1:
@@ -136,27 +236,38 @@ def _json_rows(data: bytes, source: str) -> Iterator[dict[str, Any]]:
             f"{source}: expected a JSON list of records or an object of lists, got {type(doc).__name__}"
         )
     for index, record in enumerate(doc):
-        yield _row(source, index, _dump(record))
+        yield record_row(source, index, record, limit)
 
 
-def _csv_rows(data: bytes, source: str) -> Iterator[dict[str, Any]]:
-    text = data.decode("utf-8", "surrogateescape")
+def _csv_row(source: str, index: int, record: dict, limit: int) -> dict[str, Any]:
+    extra = record.pop(None, None)  # cells beyond the header
+    row = record_row(source, index, record if extra is None else {**record, "__extra_cells__": extra}, limit)
+    if row["error"]:
+        return row
     try:
-        for index, record in enumerate(csv.DictReader(io.StringIO(text, newline=""))):
-            extra = record.pop(None, None)  # cells beyond the header
-            raw = _dump(record) if extra is None else _dump({**record, "__extra_cells__": extra})
-            try:
-                raw.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                fixed = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                yield _row(source, index, fixed[:PREFIX_CHARS], f"invalid_utf8:character {exc.start}")
-                continue
-            yield _row(source, index, raw, "" if extra is None else "bad_csv:more cells than header columns")
-    except csv.Error as exc:
-        raise DataFileError(f"{source}: malformed CSV ({exc})") from None
+        row["raw"].encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes, carried as surrogates by surrogateescape
+        fixed = row["raw"].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return _row(source, index, fixed[:PREFIX_CHARS], f"invalid_utf8:character {exc.start}")
+    return row if extra is None else {**row, "error": "bad_csv:more cells than header columns"}
 
 
-def _parquet_rows(data: bytes, source: str) -> Iterator[dict[str, Any]]:
+def _csv_rows(data: bytes, source: str, limit: int) -> Iterator[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+    index = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a cell over the csv module's field limit: this record only
+            yield _row(source, index, "", f"bad_csv:{_short(exc)}")
+        else:
+            yield _csv_row(source, index, record, limit)
+        index += 1
+
+
+def _parquet_rows(data: bytes, source: str, limit: int) -> Iterator[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -165,16 +276,24 @@ def _parquet_rows(data: bytes, source: str) -> Iterator[dict[str, Any]]:
     except (pa.ArrowException, OSError) as exc:
         raise DataFileError(f"{source}: not a readable Parquet file ({exc})") from None
     for index, record in enumerate(table.to_pylist()):
-        yield _row(source, index, _dump(record))
+        yield record_row(source, index, record, limit)
 
 
-READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+READERS = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
 
 
-def iter_raw_rows(path: str | Path, source: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every record of one file as a raw row; raises :class:`DataFileError` for an unreadable file."""
+def iter_raw_rows(
+    path: str | Path, source: str | None = None, *, max_row_bytes: int = MAX_ROW_BYTES
+) -> Iterator[dict[str, Any]]:
+    """Every record of one file as a raw row (a bad record becomes an error row, never an exception); raises
+    :class:`DataFileError` for an unreadable file. JSONL is streamed line by line."""
     kind, _ = file_kind(path)
-    yield from READERS[kind](read_bytes(path), source or str(path))
+    source = source or str(path)
+    if kind == "jsonl":
+        with _reading(path) as handle:
+            yield from _jsonl_rows(handle, source, max_row_bytes)
+    else:
+        yield from READERS[kind](read_bytes(path), source, max_row_bytes)
 
 
 def decode_raw(row: dict[str, Any]) -> Any:
