@@ -82,6 +82,9 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -112,7 +115,9 @@ def quarantine_line(record: Mapping[str, Any]) -> str:
         line.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: escaped, so the file stays UTF-8
         line = json.dumps(rec, ensure_ascii=True)
-    return line
+    # Characters that str.splitlines() (and some JSONL readers) take for line ends; they occur only inside
+    # JSON strings here, where the escape means the same.
+    return line.translate(_LINE_BREAKS)
 
 
 def write_quarantine(path: Path, records: Iterable[Mapping[str, Any]]) -> int:

@@ -44,10 +44,22 @@ def restore(engine, rank: int) -> TrainState:
         state = TrainState(**json.loads((folder / "trainer_state.json").read_text()))
         rng = folder / f"rng_rank{rank}.pt"
         if rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=False)["cpu"])
+            torch.set_rng_state(load_rng_state(rng))
     state.restarts += 1
     state.resumed_from = engine.global_steps
     return state
+
+
+def load_rng_state(path: Path) -> torch.Tensor:
+    """The CPU RNG state saved by :func:`saved`, read with ``weights_only=True``: tensors and plain containers
+    only, so a tampered checkpoint cannot run code on load. A file that is not such a state raises naming it."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError by failure kind
+        raise RuntimeError(f"{path}: not a training RNG state ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise RuntimeError(f"{path}: not a training RNG state (expected {{'cpu': tensor}})")
+    return state["cpu"]
 
 
 @contextlib.contextmanager
