@@ -265,6 +265,9 @@ class EvalConfig:
     mmlu_path: str | None = None
     heatmap_pairs: int = 4
     code_timeout_s: float = 5.0
+    # HumanEval's model-written code runs under bubblewrap ("bwrap"; without it evaluation refuses). "unsafe-local"
+    # runs it as the host user with rlimits and an in-process guard only: an explicit opt-in, recorded in results.
+    sandbox: Literal["bwrap", "unsafe-local"] = "bwrap"
     # Sampling of the evaluation generations (diversity, judge, KL on samples): the eval protocol's own, so
     # tuning the anchors' sampling (generation.*) does not change what is measured.
     temperature: float = 0.8
