@@ -12,6 +12,21 @@ EXTRAS=${EXTRAS:-dev}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+# bubblewrap: the sandbox HumanEval runs model-written code in (evaluation refuses without it unless
+# eval.sandbox=unsafe-local). Installed with apt where this runs as root; otherwise say how.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+      || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)) \
+      && echo "installed bubblewrap ($(bwrap --version))" \
+      || echo "WARNING: could not install bubblewrap with apt; HumanEval will refuse to run code" >&2
+  else
+    echo "NOTE: bubblewrap (bwrap) is missing: HumanEval evaluation refuses to run model-written code without it." >&2
+    echo "      Install it as root: apt-get install bubblewrap (Debian/Ubuntu), dnf install bubblewrap (Fedora)," >&2
+    echo "      or set eval.sandbox=unsafe-local to run that code unisolated." >&2
+  fi
+fi
 current=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
 
 if have_gpu; then
