@@ -266,12 +266,12 @@ def benchmark_section(cfg: RunConfig, model, tok, names: list[str]) -> tuple[dic
 
 
 def _benchmark_options(cfg: RunConfig, name: str) -> dict[str, Any]:
-    """Evaluator options from ``eval.*``: HumanEval's per-program time limit."""
+    """Evaluator options from ``eval.*``: HumanEval's sandbox mode and per-program time limit."""
     if name != "humaneval":
         return {}
     from evaluation.benchmarks.sandbox import SandboxLimits
 
-    return {"limits": SandboxLimits(timeout_s=cfg.eval.code_timeout_s)}
+    return {"limits": SandboxLimits(timeout_s=cfg.eval.code_timeout_s), "sandbox": cfg.eval.sandbox}
 
 
 def _is_number(v: Any) -> bool:
