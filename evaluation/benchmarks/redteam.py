@@ -436,7 +436,17 @@ def _live_sandboxed(sandbox: ModuleType) -> list[int]:
     return pids
 
 
-def leftover_processes(sandbox: ModuleType, *, grace_s: float = 2.0) -> list[int]:
+def _describe(pids: list[int]) -> str:
+    out = []
+    for pid in pids[:4]:
+        with contextlib.suppress(OSError):
+            stat_line = Path("/proc", str(pid), "stat").read_text()
+            cmd = Path("/proc", str(pid), "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            out.append(f"{pid} {cmd} state {stat_line.rsplit(')', 1)[1].split()[0]}")
+    return "; ".join(out)
+
+
+def leftover_processes(sandbox: ModuleType, *, grace_s: float = 5.0) -> list[int]:
     """Sandboxed processes still alive ``grace_s`` after a run (the kernel tears a PID namespace down
     asynchronously): a run's uid (as root), or the boot code on a command line of this user's."""
     deadline = time.monotonic() + grace_s
@@ -479,7 +489,7 @@ def run_attack(attack: Attack, sandbox: ModuleType, bait: Bait, *, mode: str, gu
     escaped = attack.check(result, bait)
     left = leftover_processes(sandbox)
     if escaped is None and left:
-        escaped = f"{len(left)} sandboxed processes outlived the run"
+        escaped = f"{len(left)} sandboxed processes outlived the run: {_describe(left)}"
     if escaped is None and "daemon" in attack.name:
         time.sleep(3.5)  # give a surviving daemon the time to act
         escaped = attack.check(result, bait)

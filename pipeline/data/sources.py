@@ -136,18 +136,19 @@ def _row(source: str, index: int, raw: str, error: str = "") -> dict[str, Any]:
     return {"source": source, "index": index, "raw": raw, "error": error}
 
 
-def _lines(handle: Any, limit: int) -> Iterator[tuple[bytes, int]]:
-    """(line without its newline, its length) per line; of a line over ``limit`` bytes only the first ``limit``
-    bytes are kept, the rest is read through in chunks."""
+def _lines(handle: Any, limit: int) -> Iterator[tuple[bytes, int, bool]]:
+    """(line without its newline, its length, whether it is whitespace only) per line; of a line over ``limit``
+    bytes only the first ``limit`` bytes are kept, the rest is read through in chunks."""
     while line := handle.readline(limit + 1):
-        size = len(line) - line.endswith(b"\n")
+        size, blank = len(line) - line.endswith(b"\n"), not line.strip()
         if size > limit:
             while more := handle.readline(_CHUNK):
                 size += len(more) - more.endswith(b"\n")
+                blank = blank and not more.strip()
                 if more.endswith(b"\n"):
                     break
             line = line[:limit]
-        yield line.rstrip(b"\n"), size
+        yield line.rstrip(b"\n"), size, blank
 
 
 def _prefix(data: bytes) -> str:
@@ -176,12 +177,12 @@ def _too_large(size: int, limit: int) -> str:
 
 
 def _jsonl_rows(handle: Any, source: str, limit: int) -> Iterator[dict[str, Any]]:
-    for index, (line, size) in enumerate(_lines(handle, limit)):
+    for index, (line, size, blank) in enumerate(_lines(handle, limit)):
+        if blank:
+            continue  # blank lines are not rows (counted by file_stats)
         if size > limit:
             yield _row(source, index, _prefix(line), _too_large(size, limit))
             continue
-        if not line.strip():
-            continue  # blank lines are not rows (counted by file_stats)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:

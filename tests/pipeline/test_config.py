@@ -213,7 +213,9 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path):
         load_config(ok)
 
 
-@pytest.mark.parametrize("text", ["train: [1, 2\n", "train:\n  a: 1\n b: 2\n", "[" * 20000 + "\n"])
+@pytest.mark.parametrize(
+    "text", ["train: [1, 2\n", "train:\n  a: 1\n b: 2\n", "[" * 20000 + "\n"], ids=["unclosed", "indent", "deep"]
+)
 def test_invalid_yaml_is_one_line(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -172,6 +172,7 @@ LINES = (
     | st.builds(lambda n: b"[" * n, st.integers(900, 3000))
     | st.builds(lambda n: b"9" * n, st.integers(4200, 4400))
     | st.builds(lambda n: b'{"prompt": "' + b"z" * n + b'"}', st.integers(LIMIT - 20, LIMIT + 20))
+    | st.builds(lambda n: b" " * n, st.integers(LIMIT - 2, LIMIT + 2))
 )
 
 

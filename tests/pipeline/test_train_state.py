@@ -30,7 +30,7 @@ def test_a_tampered_state_file_runs_no_code_and_names_the_file(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "rng_rank0.pt"
     with path.open("wb") as handle:
-        pickle.dump({"cpu": _Payload(marker)}, handle)
+        pickle.dump({"cpu": _Payload(marker)}, handle, protocol=2)
     with pytest.raises(RuntimeError, match=r"rng_rank0\.pt: not a training RNG state"):
         load_rng_state(path)
     assert not marker.exists()
