@@ -184,7 +184,8 @@ def _probe(cmd: list[str]) -> tuple[bool, str]:
 
 @functools.lru_cache(maxsize=4)
 def _bwrap_probe(path_env: str) -> tuple[str | None, str]:
-    """(bwrap executable, "") when bubblewrap runs here, else (None, why). Keyed by PATH (tests change it)."""
+    """(bwrap executable, its version) when bubblewrap runs here, else (None, why). Keyed by PATH (tests
+    change it)."""
     bwrap = shutil.which("bwrap", path=path_env)
     if bwrap is None:
         return None, "bwrap not found on PATH (install the 'bubblewrap' package: apt-get install bubblewrap)"
@@ -192,7 +193,10 @@ def _bwrap_probe(path_env: str) -> tuple[str | None, str]:
         os.chmod(folder, 0o755)
         cmd = _bwrap_command(bwrap, Path(folder), SandboxLimits(), os.geteuid() == 0)
         ok, why = _probe([*cmd, _interpreter(), "-I", "-S", "-B", "-c", "import json, math, _struct"])
-    return (bwrap, "") if ok else (None, f"bubblewrap cannot create its sandbox here: {why}")
+    if not ok:
+        return None, f"bubblewrap cannot create its sandbox here: {why}"
+    done = subprocess.run([bwrap, "--version"], capture_output=True, text=True, check=False)
+    return bwrap, done.stdout.strip() or "bubblewrap"
 
 
 def sandbox_info(mode: str = "bwrap") -> dict[str, str]:
@@ -204,15 +208,14 @@ def sandbox_info(mode: str = "bwrap") -> dict[str, str]:
         raise ValueError(f"sandbox mode {mode!r} is not one of {list(MODES)}")
     if mode == "unsafe-local":
         return {"mode": mode, "uid": "host user", "tool": "none (rlimits and the in-process guard only)"}
-    bwrap, why = _bwrap_probe(os.environ.get("PATH", ""))
+    bwrap, version_or_why = _bwrap_probe(os.environ.get("PATH", ""))
     if bwrap is None:
         raise SandboxUnavailable(
-            f"refusing to run untrusted code: {why}; "
+            f"refusing to run untrusted code: {version_or_why}; "
             "set eval.sandbox=unsafe-local to run it unisolated as the host user"
         )
-    version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, check=False).stdout.strip()
     uid = "fresh per program" if os.geteuid() == 0 else f"host user {os.getuid()} (in a user namespace)"
-    return {"mode": mode, "uid": uid, "tool": version or "bubblewrap"}
+    return {"mode": mode, "uid": uid, "tool": version_or_why}
 
 
 # ----------------------------------------------------------------------------------------------------------
