@@ -47,6 +47,8 @@ class DataConfig:
     eval_fraction: float = 0.1
     eval_size: int | None = None
     max_bad_fraction: float = 0.05
+    # A row (a JSONL line, a record) over this many bytes is quarantined as row_too_large without being held.
+    max_row_bytes: int = 1 << 20
     deduplicate: bool = True
     synthetic_task: str = "sort"
     synthetic_num_pairs: int = 2048
@@ -65,6 +67,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be < data.max_length ({self.max_length})"
             )
+        if self.max_row_bytes < 1024:
+            raise ConfigError(f"data.max_row_bytes must be >= 1024, got {self.max_row_bytes}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

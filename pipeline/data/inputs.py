@@ -7,6 +7,7 @@ detects or checks each source's layout (the choice is logged and written to the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -34,20 +35,23 @@ class Inputs:
     blank_lines: int = 0
     items: list[dict[str, Any]] = field(default_factory=list)  # synthetic raw rows
     hf_dataset: Any = None
+    max_row_bytes: int = sources.MAX_ROW_BYTES  # data.max_row_bytes
 
     def read_dataset(self) -> Any:
         """The raw rows (``source``, ``index``, ``raw``, ``error``) as a Ray Dataset."""
         import ray.data
 
         if self.kind == "files":
-            items = [{"path": str(p), "source": s} for p, s in zip(self.files, self.formats)]
+            items = [
+                {"path": str(p), "source": s, "limit": self.max_row_bytes} for p, s in zip(self.files, self.formats)
+            ]
             return ray.data.from_items(items).flat_map(_file_rows)
         if self.kind == "synthetic":
             return ray.data.from_items(self.items)
         source = next(iter(self.formats))
         indexed = self.hf_dataset.add_column("__index__", list(range(len(self.hf_dataset))))
         return ray.data.from_huggingface(indexed).map_batches(
-            _hf_rows, fn_kwargs={"source": source}, batch_format="pyarrow"
+            _hf_rows, fn_kwargs={"source": source, "limit": self.max_row_bytes}, batch_format="pyarrow"
         )
 
     def sort_key(self, column: Any) -> Any:
@@ -73,16 +77,16 @@ class Inputs:
 def _file_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray ``flat_map``: every raw row of one file; an unreadable file becomes one ``file_error`` row."""
     try:
-        return list(sources.iter_raw_rows(item["path"], item["source"]))
+        return list(sources.iter_raw_rows(item["path"], item["source"], max_row_bytes=item["limit"]))
     except sources.DataFileError as exc:
         return [{"source": item["source"], "index": -1, "raw": "", "error": f"file_error:{exc}"}]
 
 
-def _hf_rows(batch: Any, *, source: str) -> Any:
+def _hf_rows(batch: Any, *, source: str, limit: int) -> Any:
     import pyarrow as pa
 
     rows = batch.to_pylist()
-    out = [sources.record_row(source, int(r.pop("__index__")), r, sources.MAX_ROW_BYTES) for r in rows]
+    out = [sources.record_row(source, int(r.pop("__index__")), r, limit) for r in rows]
     return pa.Table.from_pylist(out)
 
 
@@ -135,9 +139,9 @@ def _huggingface(cfg: DataConfig) -> Inputs:
 def resolve_inputs(cfg: DataConfig) -> Inputs:
     """Inputs of ``data.path``; raises ConfigError / FileNotFoundError naming the path or file at fault."""
     if cfg.path == SYNTHETIC:
-        return _synthetic(cfg)
+        return dataclasses.replace(_synthetic(cfg), max_row_bytes=cfg.max_row_bytes)
     if cfg.path.startswith(HF_PREFIX):
-        return _huggingface(cfg)
+        return dataclasses.replace(_huggingface(cfg), max_row_bytes=cfg.max_row_bytes)
     files = sources.resolve_files(cfg.path)
     formats: dict[str, str] = {}
     fps = []
@@ -149,4 +153,5 @@ def resolve_inputs(cfg: DataConfig) -> Inputs:
         blank += n_blank
         formats[source] = _layout(cfg, lambda p=path: sources.sample_records(p), source)
     origin = "declared" if cfg.format != "auto" else "detected"
-    return Inputs(kind="files", formats=formats, format_origin=origin, fingerprint=fps, files=files, blank_lines=blank)
+    return Inputs(kind="files", formats=formats, format_origin=origin, fingerprint=fps, files=files, blank_lines=blank,
+                  max_row_bytes=cfg.max_row_bytes)  # fmt: skip

@@ -173,7 +173,7 @@ def json_problem(text: str) -> str:
 
 
 def _too_large(size: int, limit: int) -> str:
-    return f"row_too_large:{size} bytes, over the {limit}-byte row limit (sources.MAX_ROW_BYTES)"
+    return f"row_too_large:{size} bytes, over the {limit}-byte row limit (data.max_row_bytes)"
 
 
 def _jsonl_rows(handle: Any, source: str, limit: int) -> Iterator[dict[str, Any]]:

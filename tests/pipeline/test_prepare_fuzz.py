@@ -228,17 +228,19 @@ def test_prepare_on_a_hostile_file_accounts_for_every_row(ray_cluster, tmp_path)
         b'{"prompt": ' + b"1" * 5000 + b"}",
         b'{"prompt": "' + b"x" * (2 << 20) + b'", "chosen": "a", "rejected": "b"}',
         b'{"prompt": NaN, "chosen": "a", "rejected": "b"}',
+        b'{"prompt": "' + b"y" * 300_000 + b'", "chosen": "a", "rejected": "b"}',  # valid, over data.max_row_bytes
         b"\x00\xff\xfe",
         b"",
     ]
     path = tmp_path / "hostile.jsonl"
     path.write_bytes(b"\n".join(good[:3] + hostile + good[3:]) + b"\n")
-    overrides = [f"output_dir={tmp_path / 'out'}", f"data.path={path}", "data.max_bad_fraction=1.0"]
+    overrides = [f"output_dir={tmp_path / 'out'}", f"data.path={path}", "data.max_bad_fraction=1.0",
+                 "data.max_row_bytes=200000"]  # fmt: skip
     cfg = load_config(None, [*overrides, "data.format=standard"])
     m = prepare(cfg)
-    assert (m["read"], m["kept"], m["quarantined"]) == (12, 6, 6) and m["blank_lines_skipped"] == 1
+    assert (m["read"], m["kept"], m["quarantined"]) == (13, 6, 7) and m["blank_lines_skipped"] == 1
     assert m["reasons"] == {
-        "invalid_utf8": 2, "too_deep": 1, "bad_number": 1, "row_too_large": 1, "wrong_type": 1
+        "invalid_utf8": 2, "too_deep": 1, "bad_number": 1, "row_too_large": 2, "wrong_type": 1
     }  # fmt: skip
     lines = (data_dir(tmp_path / "out") / "quarantine.jsonl").read_bytes().decode("utf-8").splitlines()
-    assert len(lines) == 6 and all(_strict(line)["source"] == str(path) for line in lines)
+    assert len(lines) == 7 and all(_strict(line)["source"] == str(path) for line in lines)
