@@ -415,13 +415,18 @@ def absolutize(cfg: RunConfig) -> RunConfig:
     """Local paths made absolute against the current directory: Ray workers run elsewhere.
 
     ``output_dir`` always; ``data.path`` unless ``synthetic`` or ``hf:...`` (globs too); model and tokenizer
-    names only when such a local path exists (otherwise they are hub names); the benchmark files when set.
+    names only when such a local path exists (otherwise they are hub names), then resolved to what loads
+    (a registry name to its fetched folder, a ``.gguf`` file to its converted folder:
+    :func:`pipeline.model_store.resolve_model_source`); the benchmark files when set.
     """
     updates: dict[str, Any] = {"output_dir": os.path.abspath(cfg.output_dir)}
     if cfg.data.path != "synthetic" and not cfg.data.path.startswith("hf:"):
         updates["data.path"] = _absolute(cfg.data.path, must_exist=False)
+    from pipeline.model_store import resolve_model_source
+
     for key in ("name", "tokenizer", "reference_name"):
-        updates[f"model.{key}"] = _absolute(getattr(cfg.model, key), must_exist=True)
+        value = _absolute(getattr(cfg.model, key), must_exist=True)
+        updates[f"model.{key}"] = resolve_model_source(value) if value else value
     for key in ("ifeval_path", "humaneval_path", "truthfulqa_path", "gsm8k_path", "mmlu_path"):
         updates[f"eval.{key}"] = _absolute(getattr(cfg.eval, key), must_exist=False)
     return replace(cfg, updates)

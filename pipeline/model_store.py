@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -113,18 +111,10 @@ def resolve_model_source(name: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    stat = path.stat()
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """sha256 of a file (pipeline.fingerprint's, remembered per path, size and mtime)."""
+    from pipeline.fingerprint import file_sha256
 
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
-    """sha256 of a file, remembered per (path, size, mtime): every worker resolves the same name twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def convert_gguf_cached(path: Path) -> Path:
