@@ -41,9 +41,7 @@ def resolve_paths(cfg: RunConfig, model_path: str | None = None) -> tuple[str, s
     (:func:`pipeline.plan.latest_policy`); the reference is ``model.reference_name``, else the start model."""
     from pipeline.plan import plan
 
-    if model_path is not None and not Path(model_path).is_dir() and model_path != cfg.model.name:
-        raise FileNotFoundError(f"--model {model_path}: no such model folder")
-    p = plan(cfg, "evaluate", model=model_path)
+    p = plan(cfg, "evaluate", model=model_path)  # raises naming a --model folder that does not exist
     return p.init_model, p.reference.model
 
 

@@ -258,6 +258,8 @@ def plan(
             max_steps=tc.sft_steps, lr=tc.sft_lr, **common,
         )  # fmt: skip
     if stage in ("generate", "evaluate"):
+        if model and model != cfg.model.name and not Path(model).is_dir():
+            raise FileNotFoundError(f"--model {model}: no such model folder")
         policy = model or latest_policy(cfg)
         reference = None
         if stage == "evaluate":  # rewards and KL are measured against the start model, whatever the loss

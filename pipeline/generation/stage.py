@@ -39,14 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg, model_path: str | None = None) -> str:
-    """``model_path`` (checked), else the run's current policy (:func:`pipeline.plan.latest_policy`)."""
-    from pipeline.plan import latest_policy
+    """``model_path`` (checked), else the run's current policy: the generate stage's plan decides."""
+    from pipeline.plan import plan
 
-    if model_path:
-        if not Path(model_path).exists() and model_path != cfg.model.name:
-            raise FileNotFoundError(f"--model {model_path}: no such folder")
-        return str(model_path)
-    return latest_policy(cfg)
+    return plan(cfg, "generate", model=model_path or None).init_model
 
 
 def stage_fingerprint(cfg, split_dir: Path, model_path: str, kind: str) -> str:
