@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, absolutize, field_docs, load_config, to_yaml
+from pipeline.config import ConfigError, RunConfig, field_docs, load_config, replace, to_yaml
 
 EPILOG = """\
 CONFIG is a YAML file that overrides the defaults (see `tidpo config show`); each dotted.key=value overrides one
@@ -37,6 +37,33 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "report": ("pipeline.evaluate", "report_main", "re-render the evaluation report of an output folder"),
 }
+
+
+def _absolute(value: str | None, *, must_exist: bool) -> str | None:
+    if not value or os.path.isabs(value) or (must_exist and not os.path.exists(value)):
+        return value
+    return os.path.abspath(value)
+
+
+def absolutize(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute against the current directory: Ray workers run elsewhere.
+
+    ``output_dir`` always; ``data.path`` unless ``synthetic`` or ``hf:...`` (globs too); model and tokenizer
+    names only when such a local path exists (otherwise they are hub names), then resolved to what loads
+    (a registry name to its fetched folder, a ``.gguf`` file to its converted folder:
+    :func:`pipeline.model_store.resolve_model_source`); the benchmark files when set.
+    """
+    updates: dict[str, Any] = {"output_dir": os.path.abspath(cfg.output_dir)}
+    if cfg.data.path != "synthetic" and not cfg.data.path.startswith("hf:"):
+        updates["data.path"] = _absolute(cfg.data.path, must_exist=False)
+    from pipeline.model_store import resolve_model_source
+
+    for key in ("name", "tokenizer", "reference_name"):
+        value = _absolute(getattr(cfg.model, key), must_exist=True)
+        updates[f"model.{key}"] = resolve_model_source(value) if value else value
+    for key in ("ifeval_path", "humaneval_path", "truthfulqa_path", "gsm8k_path", "mmlu_path"):
+        updates[f"eval.{key}"] = _absolute(getattr(cfg.eval, key), must_exist=False)
+    return replace(cfg, updates)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -7,9 +7,6 @@ Defaults live here. YAML files only override them; unknown keys raise with their
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +14,7 @@ from typing import Any, Literal
 from pipeline.configlib import (  # noqa: F401  (re-exported: the config API lives in pipeline.config)
     ConfigError,
     build_dataclass,
+    dataclass_fields_doc,
     flatten,
     merge_overrides,
     parse_override,
@@ -390,43 +388,6 @@ def replace(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return from_dict(raw)
 
 
-def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, type, default) for every leaf field: the README's config reference is generated from it."""
-    rows: list[tuple[str, str, str]] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(field_docs(tp, f"{prefix}{f.name}."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        tname = str(tp).replace("typing.", "")
-        rows.append((f"{prefix}{f.name}", tname, repr(default)))
-    return rows
-
-
-def _absolute(value: str | None, *, must_exist: bool) -> str | None:
-    if not value or os.path.isabs(value) or (must_exist and not os.path.exists(value)):
-        return value
-    return os.path.abspath(value)
-
-
-def absolutize(cfg: RunConfig) -> RunConfig:
-    """Local paths made absolute against the current directory: Ray workers run elsewhere.
-
-    ``output_dir`` always; ``data.path`` unless ``synthetic`` or ``hf:...`` (globs too); model and tokenizer
-    names only when such a local path exists (otherwise they are hub names), then resolved to what loads
-    (a registry name to its fetched folder, a ``.gguf`` file to its converted folder:
-    :func:`pipeline.model_store.resolve_model_source`); the benchmark files when set.
-    """
-    updates: dict[str, Any] = {"output_dir": os.path.abspath(cfg.output_dir)}
-    if cfg.data.path != "synthetic" and not cfg.data.path.startswith("hf:"):
-        updates["data.path"] = _absolute(cfg.data.path, must_exist=False)
-    from pipeline.model_store import resolve_model_source
-
-    for key in ("name", "tokenizer", "reference_name"):
-        value = _absolute(getattr(cfg.model, key), must_exist=True)
-        updates[f"model.{key}"] = resolve_model_source(value) if value else value
-    for key in ("ifeval_path", "humaneval_path", "truthfulqa_path", "gsm8k_path", "mmlu_path"):
-        updates[f"eval.{key}"] = _absolute(getattr(cfg.eval, key), must_exist=False)
-    return replace(cfg, updates)
+def field_docs() -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) of every leaf of :class:`RunConfig`: the README's config reference."""
+    return dataclass_fields_doc(RunConfig)

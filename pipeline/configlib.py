@@ -239,3 +239,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def dataclass_fields_doc(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) for every leaf field of a nested dataclass."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(dataclass_fields_doc(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f"{prefix}{f.name}", str(tp).replace("typing.", ""), repr(default)))
+    return rows
