@@ -111,8 +111,10 @@ def token_weights(cfg: RunConfig, policy, scored: dict[str, torch.Tensor], rows:
     for s in range(0, len(rows), cfg.eval.batch_size):
         idx = torch.tensor(rows[s : s + cfg.eval.batch_size])
         ids, attn = scored["input_ids"][idx], scored["attention_mask"][idx]
-        scores = attribution_scores(policy, ids, attn)[:, 1:]  # label t's weight = score of its own input t+1
-        span = scored["response_mask"][idx] if cfg.loss.span == "response" else attn[:, 1:].bool()
+        response = scored["response_mask"][idx]
+        scores = attribution_scores(policy, ids, attn, target=cfg.loss.attribution_target, target_mask=response)
+        scores = scores[:, 1:]  # label t's weight = score of its own input t+1
+        span = response if cfg.loss.span == "response" else attn[:, 1:].bool()
         weights.append(hybrid_weights(scores, span, lam=cfg.loss.lam, sigma_div=cfg.loss.sigma_div))
         zero += int(normalize_scores(scores, span)[1].sum())
     return torch.cat(weights), zero

@@ -26,6 +26,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniform": {"loss.preset": "paper", "loss.weighting": "uniform"},
     "no_triplet": {"loss.preset": "paper", "loss.gamma": 0.0},
     "no_prior": {"loss.preset": "paper", "loss.lam": 1.0},
+    # The paper preset with the response's log-likelihood as the attribution target (not the last top logit).
+    "logp_target": {"loss.preset": "paper", "loss.attribution_target": "response_logp"},
 }
 TABLE_KEYS = (
     "eval/synthetic/judge_greedy",

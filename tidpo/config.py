@@ -13,6 +13,7 @@ from typing import Any, Literal
 BaseLoss = Literal["dpo", "tdpo", "simpo"]
 LossType = Literal["sigmoid", "robust", "ipo", "hinge"]
 Weighting = Literal["attribution", "uniform", "random"]
+AttributionTarget = Literal["top_logit", "response_logp"]
 Span = Literal["response", "sequence"]
 AnchorContext = Literal["prompt", "chosen_prefix"]
 
@@ -23,6 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_loss": "dpo",
         "loss_type": "sigmoid",
         "weighting": "attribution",
+        "attribution_target": "top_logit",
         "span": "response",
         "lam": 0.7,
         "sigma_div": 4.0,
@@ -39,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_loss": "tdpo",
         "loss_type": "sigmoid",
         "weighting": "attribution",
+        "attribution_target": "top_logit",
         "span": "sequence",
         "lam": 0.2,
         "sigma_div": 8.0,
@@ -53,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_loss": "dpo",
         "loss_type": "sigmoid",
         "weighting": "uniform",
+        "attribution_target": "top_logit",
         "span": "response",
         "lam": 0.0,
         "sigma_div": 4.0,
@@ -81,6 +85,8 @@ class LossConfig:
         loss_type: DPO variant for ``base_loss=dpo``/``tdpo``: sigmoid, robust, ipo, hinge (TRL definitions).
         weighting: ``attribution`` (gradient attribution mixed with the prior), ``uniform`` (all ones: the DPO
             ablation) or ``random`` (uniform random weights with mean 1, an ablation).
+        attribution_target: what the attribution differentiates: ``top_logit`` (the max logit at the last
+            position: the paper and the authors' code) or ``response_logp`` (the response's log-likelihood).
         span: tokens the weights are normalised over: ``response`` or ``sequence`` (prompt + response).
         lam: mixing weight lambda of attribution vs the Gaussian prior, in [0, 1].
         sigma_div: Gaussian width divisor; sigma = max(1, n / sigma_div). Larger = narrower.
@@ -99,6 +105,7 @@ class LossConfig:
     base_loss: BaseLoss = PRESETS["paper"]["base_loss"]
     loss_type: LossType = PRESETS["paper"]["loss_type"]
     weighting: Weighting = PRESETS["paper"]["weighting"]
+    attribution_target: AttributionTarget = PRESETS["paper"]["attribution_target"]
     span: Span = PRESETS["paper"]["span"]
     lam: float = PRESETS["paper"]["lam"]
     sigma_div: float = PRESETS["paper"]["sigma_div"]

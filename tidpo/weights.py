@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tidpo.logps import token_logps
+
 
 def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask -> (B,) index of each row's last attended position (left, right or mixed padding)."""
@@ -44,14 +46,38 @@ def call_model(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: to
     return logits
 
 
-def _attribution_target(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of the max logit at each row's last valid position (docs/ALGORITHM.md section 3)."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, last_valid_index(attention_mask)].max(-1).values.sum()
+def attribution_target(
+    logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    target: str = "top_logit",
+    input_ids: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scalar whose embedding gradient is the attribution (docs/ALGORITHM.md section 3), summed over rows.
+
+    ``top_logit`` (the paper's and the authors' code): the max logit at each row's last valid position.
+    ``response_logp``: the response's log-likelihood, sum_j target_mask[j] * log p(input_ids[j + 1] | < j + 1),
+    with ``target_mask`` label-aligned (B, T - 1); it needs ``input_ids`` and ``target_mask``.
+    """
+    if target == "top_logit":
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, last_valid_index(attention_mask)].max(-1).values.sum()
+    if target == "response_logp":
+        if input_ids is None or target_mask is None:
+            raise ValueError("attribution target response_logp needs input_ids and the label-aligned target_mask")
+        logps = token_logps(logits[:, :-1], input_ids[:, 1:])
+        return (logps * target_mask.to(logps.dtype)).sum()
+    raise ValueError(f"unknown attribution target {target!r}; choose top_logit or response_logp")
 
 
 def forward_with_attribution(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    target: str = "top_logit",
+    target_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One policy forward that yields both the training logits and the attribution scores.
 
@@ -63,6 +89,7 @@ def forward_with_attribution(
 
     Args:
         model: see module docstring. input_ids: (B, T) long. attention_mask: (B, T) 0/1.
+        target, target_mask: the attribution target (:func:`attribution_target`).
 
     Returns:
         logits (B, T, V) with the graph alive, and scores (B, T) detached, zero on padding.
@@ -71,20 +98,29 @@ def forward_with_attribution(
     if not embeds.requires_grad:  # frozen embeddings (e.g. LoRA): attribute w.r.t. a leaf copy instead
         embeds = embeds.detach().requires_grad_(True)
     logits = call_model(model, embeds, attention_mask)
-    (grad,) = torch.autograd.grad(_attribution_target(logits, attention_mask), embeds, retain_graph=True)
+    objective = attribution_target(logits, attention_mask, target=target, input_ids=input_ids, target_mask=target_mask)
+    (grad,) = torch.autograd.grad(objective, embeds, retain_graph=True)
     scores = grad.detach().abs().sum(-1) * attention_mask.to(grad.dtype)  # I_t = ||g_t||_1
     return logits, scores
 
 
-def attribution_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def attribution_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    target: str = "top_logit",
+    target_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Raw gradient-attribution scores, the separate-pass definition (docs/ALGORITHM.md section 3).
 
-    I_t = || d max_v logits[last valid position, v] / d E_t ||_1 with E = embed(input_ids) a leaf, for each
-    row independently (the target is summed over rows; rows do not interact). The model runs in eval mode
-    (no dropout) and its train/eval mode is restored; no parameter ``.grad`` is touched.
+    I_t = || d target / d E_t ||_1 (by default max_v logits[last valid position, v]) with E = embed(input_ids)
+    a leaf, for each row independently (the target is summed over rows; rows do not interact). The model runs
+    in eval mode (no dropout) and its train/eval mode is restored; no parameter ``.grad`` is touched.
 
     Args:
         model: see module docstring. input_ids: (B, T) long. attention_mask: (B, T) 0/1, any padding side.
+        target, target_mask: the attribution target (:func:`attribution_target`).
 
     Returns:
         (B, T) non-negative scores in the embedding dtype, detached, exactly 0 on padding positions.
@@ -95,7 +131,10 @@ def attribution_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask
         with torch.enable_grad():
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             logits = call_model(model, embeds, attention_mask)
-            (grad,) = torch.autograd.grad(_attribution_target(logits, attention_mask), embeds)
+            objective = attribution_target(
+                logits, attention_mask, target=target, input_ids=input_ids, target_mask=target_mask
+            )
+            (grad,) = torch.autograd.grad(objective, embeds)
     finally:
         model.train(was_training)
     return grad.abs().sum(-1) * attention_mask.to(grad.dtype)

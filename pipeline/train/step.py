@@ -81,11 +81,12 @@ def preference_step(
     """
     pair, B = batch["pair"], batch["num_pairs"]
     ids, attention = pair["input_ids"], pair["attention_mask"]
+    target = {"target": cfg.attribution_target, "target_mask": pair["response_mask"]}
     if cfg.weighting == "attribution" and models.shared_attribution:
-        logits, scores = forward_with_attribution(models.policy, ids, attention)  # one forward, shared graph
+        logits, scores = forward_with_attribution(models.policy, ids, attention, **target)  # one shared graph
         scores = scores[:, 1:]  # label j is token j + 1: its weight is its OWN input position's score
     elif cfg.weighting == "attribution":
-        scores = attribution_scores(models.policy, ids, attention)[:, 1:]  # its own pass (ZeRO-3)
+        scores = attribution_scores(models.policy, ids, attention, **target)[:, 1:]  # its own pass (ZeRO-3)
         logits = _logits(models.policy, pair)
     else:
         logits, scores = _logits(models.policy, pair), None

@@ -125,6 +125,26 @@ def test_attribution_hand_worked_per_token_model():
     assert_close(scores, torch.tensor([[0.0, 0.0, 3.5, 0.0]]))
 
 
+def test_response_logp_target_hand_worked_per_token_model():
+    """Tokens [0, 1, 1, pad], the response = label 1 (token 1 at position 2, predicted from position 1).
+    log p = log softmax(W e_1)[1] with W e_1 = [-2, 3, 0, 0]; d/de_1 = W^T (onehot(1) - p). Position 0 and the
+    last token (position 2: it predicts nothing in the response) get 0: the EOS-heavy top-logit target's opposite."""
+    model = PerTokenModel()
+    z = [-2.0, 3.0, 0.0, 0.0]
+    p = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    residual = [(1.0 if k == 1 else 0.0) - p[k] for k in range(4)]
+    w = model.head.weight.detach().tolist()
+    grad = [sum(w[k][d] * residual[k] for k in range(4)) for d in range(3)]
+    ids, mask = torch.tensor([[0, 1, 1, 3]]), torch.tensor([[1, 1, 1, 0]])
+    target_mask = torch.tensor([[0, 1, 0]])
+    scores = attribution_scores(model, ids, mask, target="response_logp", target_mask=target_mask)
+    assert_close(scores, torch.tensor([[0.0, sum(abs(g) for g in grad), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="target_mask"):
+        attribution_scores(model, ids, mask, target="response_logp")
+    with pytest.raises(ValueError, match="unknown attribution target"):
+        attribution_scores(model, ids, mask, target="last")
+
+
 def _pad(rows, side, pad=0):
     width = max(map(len, rows))
     ids, mask = [], []
@@ -175,21 +195,23 @@ def test_attribution_padding_and_batch_invariance(model_name):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_shared_forward_equals_separate_passes():
+@pytest.mark.parametrize("target", ["top_logit", "response_logp"])
+def test_shared_forward_equals_separate_passes(target):
     """One forward + autograd.grad(retain_graph) + loss backward == attribution pass + plain forward."""
     model = MeanPoolModel(seed=3)
     model.drop.p = 0.0
     ids, mask = _pad([[1, 2, 3, 4, 5], [6, 7, 8]], "right")
     labels = ids[:, 1:]
+    chosen = {"target": target, "target_mask": mask[:, 1:] * torch.tensor([0, 0, 1, 1])}
 
-    logits, scores = forward_with_attribution(model, ids, mask)
+    logits, scores = forward_with_attribution(model, ids, mask, **chosen)
     loss = -(token_logps(logits[:, :-1], labels) * mask[:, 1:]).sum()
     assert all(p.grad is None for p in model.parameters())  # attribution touched no .grad
     loss.backward()
     shared_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
 
-    ref_scores = attribution_scores(model, ids, mask)
+    ref_scores = attribution_scores(model, ids, mask, **chosen)
     plain = call_model(model, model.get_input_embeddings()(ids), mask)
     (-(token_logps(plain[:, :-1], labels) * mask[:, 1:]).sum()).backward()
     assert_close(scores, ref_scores)
