@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from evaluation.diversity import diversity_metrics
+from evaluation.importance import heatmap_side, top_weight_tokens
 from evaluation.nested import flatten
 from evaluation.preference import implicit_reward_metrics, kl_metrics, weight_diagnostics
-from evaluation.report import render_from_saved, token_pieces, write_report
+from evaluation.report import TOP_TOKENS, render_from_saved, write_report
 from pipeline.config import ConfigError, RunConfig, to_dict
 from pipeline.models import load_pretrained
 
@@ -145,15 +146,17 @@ def preference_section(cfg: RunConfig, policy, ref, tok, df) -> tuple[dict[str, 
     metrics["eval/weights/attribution_zero_rows"] = zero
     metrics["eval/num_pairs"] = n
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    heatmaps = []
+    resp_weights = [weights[j][mask[r]].tolist() for j, r in enumerate(rows)]  # per response token, as its ids
+    metrics[TOP_TOKENS] = {
+        side: top_weight_tokens([responses[r] for r in rows[a:b]], resp_weights[a:b], decode)
+        for side, a, b in (("chosen", 0, k), ("rejected", k, 2 * k))
+    }
+    special, heatmaps = set(tok.all_special_ids), []
     for i in range(min(n, cfg.eval.heatmap_pairs)):
         entry: dict[str, Any] = {"row_id": str(df["row_id"][i]), "prompt": str(df["prompt_text"][i])}
         for side, row, j in (("chosen", i, i), ("rejected", n + i, k + i)):
-            entry[side] = {
-                "tokens": token_pieces(decode, responses[row]),
-                "weights": weights[j][mask[row]].tolist(),
-                "reward": cfg.loss.beta * float(pol[row] - rf[row]),
-            }
+            reward = cfg.loss.beta * float(pol[row] - rf[row])
+            entry[side] = heatmap_side(decode, responses[row], resp_weights[j], special) | {"reward": reward}
         heatmaps.append(entry)
     return metrics, heatmaps
 

@@ -106,6 +106,9 @@ def test_evaluate_tiny_end_to_end(tmp_path, monkeypatch):
 
     assert "".join(first["tokens"]) == generate_pairs("sort", 6, seed=1)[0]["chosen"] + "<eos>"
     assert sum(first["weights"]) == pytest.approx(len(first["weights"]), rel=1e-5)  # mean 1 over the response
+    assert first["special"] == [len(first["tokens"]) - 1]  # <eos>: a word of its own in the heatmap
+    top = saved["top_tokens"]["chosen"]  # over the 4 weighted pairs' chosen responses
+    assert top["responses"] == 4 and all(r["count"] >= top["min_count"] for r in top["tokens"])
     for name in ("report.html", "heatmap-0.png", "heatmap-1.png"):
         assert (eval_dir / name).is_file(), name
     assert (tmp_path / "mlflow.db").is_file() and any((tmp_path / "mlartifacts").rglob("report.html"))
