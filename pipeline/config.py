@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pipeline.configlib import (  # noqa: F401  (re-exported: the config API lives in pipeline.config)
     ConfigError,
     build_dataclass,
+    check_resources,
+    check_storage_path,
     dataclass_fields_doc,
     flatten,
     merge_overrides,
@@ -102,13 +104,6 @@ class ModelConfig:
             raise ConfigError("model.reference=lora needs model.lora_r > 0")
 
 
-def check_resources(key: str, resources: dict[str, float]) -> None:
-    """Custom Ray resources: names to non-negative amounts; CPU and GPU have their own keys."""
-    for name, amount in resources.items():
-        if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-            raise ConfigError(f"{key}.{name}: expected a custom resource name and an amount >= 0, got {amount!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
     """Anchor generation and evaluation sampling. ``engine``: auto (vLLM when it and a GPU exist), hf, vllm."""
@@ -166,6 +161,15 @@ class TrainConfig:
     # Extra Ray resources per worker merged into CPU/GPU, e.g. {"train_node": 0.01} or {"accelerator_type:H100":
     # 0.001}: workers only start on nodes that advertise them.
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # A node holding workers dies: Ray Train restarts the group from the last checkpoint (one of max_failures).
+    # wait: all num_workers again, the controller retrying every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s)
+    # until the cluster can place them (a node back, or others free). continue (a smaller group on the nodes
+    # left) is refused: it would change the global batch and the ZeRO partitions of the checkpoint.
+    on_node_loss: Literal["wait", "continue"] = "wait"
+    # Ray Train checkpoints: "" keeps them in <stage_dir>/ray (output_dir on a filesystem every node mounts),
+    # else an absolute path on such a filesystem or a URI (s3://bucket/runs, file:///nfs/ckpt); a stage writes
+    # to <storage_path>/<its path under output_dir>. Metrics and the exported model stay in output_dir.
+    storage_path: str = ""
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -217,6 +221,10 @@ class TrainConfig:
         if self.report_interval_s < 0:
             raise ConfigError(f"train.report_interval_s must be >= 0, got {self.report_interval_s}")
         check_resources("train.resources_per_worker", self.resources_per_worker)
+        check_storage_path("train.storage_path", self.storage_path)
+        if self.on_node_loss == "continue":
+            raise ConfigError("train.on_node_loss=continue is not supported: fewer workers would change the global "
+                              "batch (micro_batch_size x grad_accum x num_workers); use wait")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -253,3 +253,21 @@ def dataclass_fields_doc(cls: type, prefix: str = "") -> list[tuple[str, str, st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((f"{prefix}{f.name}", str(tp).replace("typing.", ""), repr(default)))
     return rows
+
+
+def check_resources(key: str, resources: dict[str, float]) -> None:
+    """Custom Ray resources: names to non-negative amounts; CPU and GPU have their own keys."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{key}.{name}: expected a custom resource name and an amount >= 0, got {amount!r}")
+
+
+# URI schemes pyarrow.fs.FileSystem.from_uri (Ray Train's storage layer) opens; a bare absolute path is local.
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def check_storage_path(key: str, value: str) -> None:
+    """Empty (the default), an absolute path, or a URI of :data:`STORAGE_SCHEMES` with a path after the scheme."""
+    scheme, sep, rest = value.partition("://")
+    if value and not (value.startswith("/") or (sep and scheme in STORAGE_SCHEMES and rest.strip("/"))):
+        raise ConfigError(f"{key}: expected an absolute path or a {'/'.join(STORAGE_SCHEMES)} URI, got {value!r}")

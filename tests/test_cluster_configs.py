@@ -55,6 +55,35 @@ def test_placement_keys_validate() -> None:
             load_config(None, [bad])
 
 
+def test_storage_path_and_on_node_loss_validate() -> None:
+    for ok in ("", "/mnt/shared/ckpt", "file:///mnt/shared/ckpt", "s3://bucket/runs", "gs://bucket/x"):
+        assert load_config(None, [f"train.storage_path={ok}"]).train.storage_path == ok
+    for bad in ("ckpt", "./ckpt", "ftp://host/x", "s3://", "file://"):  # relative: each node would resolve its own
+        with pytest.raises(ConfigError, match=r"train\.storage_path"):
+            load_config(None, [f"train.storage_path={bad}"])
+    assert load_config(None).train.on_node_loss == "wait"
+    with pytest.raises(ConfigError, match=r"train\.on_node_loss=continue is not supported"):
+        load_config(None, ["train.on_node_loss=continue"])
+
+
+def test_checkpoint_storage_is_one_run_folder_per_stage(tmp_path: Path) -> None:
+    from pipeline.train.trainer import _delete_run, checkpoint_storage
+
+    stage = tmp_path / "out" / "rounds" / "round-1"
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}"])
+    assert checkpoint_storage(cfg, stage) == str(stage / "ray")
+    remote = load_config(None, [f"output_dir={tmp_path / 'out'}", "train.storage_path=s3://bucket/runs/"])
+    assert checkpoint_storage(remote, stage) == "s3://bucket/runs/rounds/round-1"
+    with pytest.raises(ValueError, match="not under output_dir"):
+        checkpoint_storage(remote, tmp_path / "elsewhere")
+    local = load_config(None, [f"output_dir={tmp_path / 'out'}", f"train.storage_path=file://{tmp_path / 'store'}"])
+    run = tmp_path / "store" / "rounds" / "round-1" / "preference"
+    (run / "checkpoint_x").mkdir(parents=True)
+    _delete_run(checkpoint_storage(local, stage), "preference")  # what a fresh run (force) clears
+    assert not run.exists() and run.parent.is_dir()
+    _delete_run(checkpoint_storage(local, stage), "preference")  # nothing there: no error
+
+
 def _llama_params(h: int, layers: int, heads: int, kv_heads: int, f: int, vocab: int, tied: bool) -> int:
     h_kv = kv_heads * (h // heads)
     return layers * (2 * h * h + 2 * h * h_kv + 3 * h * f + 2 * h) + vocab * h * (1 if tied else 2) + h

@@ -149,9 +149,10 @@ def run_training(
         changed = "config" if done.get("config") != to_dict(cfg) else "inputs (data or models)"
         log.warning("train: %s holds a run with other %s: replacing it with a fresh run", job.stage_dir, changed)
         force = True  # a finished (or half-done) run with other settings: start afresh rather than resume it
-    storage = (job.stage_dir / "ray").resolve()
+    storage = checkpoint_storage(cfg, job.stage_dir)
     if force:
         shutil.rmtree(job.stage_dir, ignore_errors=True)
+        _delete_run(storage, plan.mode)  # (storage, name) is what Ray Train would resume
     job.stage_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     log.info("%s", describe(plan))
@@ -160,24 +161,18 @@ def run_training(
     worker_job = WorkerJob(
         plan=plan, has_eval="eval" in datasets, mlflow=mlflow_info, summary_path=job.stage_dir / "worker_summary.json"
     )
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
-    resources.update(tc.resources_per_worker)  # custom resources: which nodes may host a worker
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "job": worker_job},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=tc.placement_strategy,
-        ),
+        scaling_config=scaling_config(tc),
         # the train split goes whole to every worker, which walks its seeded per-epoch permutation (worker.py)
         dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
         run_config=ray.train.RunConfig(
             name=plan.mode,
-            storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            storage_path=storage,
+            # on_node_loss=wait: a worker group that cannot be placed again is retried without limit
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures, controller_failure_limit=-1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_last),
             callbacks=list(callbacks or []),
         ),
@@ -197,6 +192,52 @@ def run_training(
     return _finish(cfg, job, worker_job, inputs, time.time() - start)
 
 
+def scaling_config(tc):
+    """Ray Train's ScalingConfig for ``train``: a fixed group of ``num_workers`` (``on_node_loss=wait``: after a
+    node loss the controller restarts the whole group once it can be placed), CPU/GPU plus custom resources."""
+    import ray.train
+
+    if tc.on_node_loss != "wait":  # TrainConfig refuses the other modes; never run one silently as wait
+        raise ValueError(f"train.on_node_loss={tc.on_node_loss} has no Ray Train mapping")
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    resources.update(tc.resources_per_worker)  # custom resources: which nodes may host a worker
+    return ray.train.ScalingConfig(
+        num_workers=tc.num_workers,
+        use_gpu=tc.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=tc.placement_strategy,
+    )
+
+
+def checkpoint_storage(cfg: RunConfig, stage_dir: Path) -> str:
+    """Ray Train's ``storage_path`` for a stage: ``<stage_dir>/ray``, or ``train.storage_path`` joined with the
+    stage's path under ``output_dir`` (one run folder per stage, the same on every node)."""
+    if not cfg.train.storage_path:
+        return str((stage_dir / "ray").resolve())
+    try:
+        rel = stage_dir.resolve().relative_to(Path(cfg.output_dir).resolve())
+    except ValueError:
+        raise ValueError(f"stage folder {stage_dir} is not under output_dir {cfg.output_dir}") from None
+    return f"{cfg.train.storage_path.rstrip('/')}/{rel.as_posix()}"
+
+
+def _delete_run(storage: str, name: str) -> None:
+    """Remove a Ray Train run folder ``<storage>/<name>`` (a local path or any pyarrow URI) if it exists."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    if fs.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(f"{path}/{name}")
+
+
+def median_step_time(steps: list[dict[str, Any]]) -> float | None:
+    """Median ``step_time_s`` of the logged steps after the first (which pays the warm-up); None with none."""
+    import statistics
+
+    times = [r["step_time_s"] for r in steps[1:] if "step_time_s" in r] or [r["step_time_s"] for r in steps[:1]]
+    return statistics.median(times) if times else None
+
+
 def _finish(cfg, job: TrainJob, worker_job: WorkerJob, inputs: dict[str, Any], wall: float) -> dict[str, Any]:
     from pipeline.plan import to_record
 
@@ -214,6 +255,7 @@ def _finish(cfg, job: TrainJob, worker_job: WorkerJob, inputs: dict[str, Any], w
         "resumed_from_step": worker["resumed_from_step"],
         "nonfinite_skipped": worker["nonfinite_skipped"],
         "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / max(1, len(steps)),
+        "step_time_s": median_step_time(steps),
         "final": {k: v for k, v in worker.items() if k.startswith("eval/")},
         "last_step": steps[-1] if steps else {},
         "mlflow_run_id": (mlflow_info or {}).get("run_id"),
