@@ -117,29 +117,32 @@ class GenerationConfig:
     max_new_tokens: int = 64
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # round: anchors made before each round; steps: generation actors make the next step's anchors during
+    # training from weights published every sync_every steps (pipeline/generation/sync_pool.py)
     sync: Literal["round", "steps"] = "round"
-    sync_every: int = 10
+    sync_every: int = 1
     tensor_parallel_size: int = 1
     gpus_per_engine: float = 1.0
     cpus_per_engine: float = 1.0
     gpu_memory_utilization: float = 0.85
     max_retries: int = 2
-    # Step-level sync: the most trainer steps an anchor's weights may lag behind (staleness); more raises.
+    # sync=steps: the most steps an anchor's weights may lag (the trainer waits rather than use older ones)
     max_staleness: int = 1
+    # sync=steps with LoRA: publish the adapters or the merged layers (vLLM: merged); anchor_sync.json times both
+    lora_sync: Literal["adapters", "merged"] = "adapters"
     # vLLM: skip CUDA-graph capture (required by the CPU build; faster start-up for short runs).
     enforce_eager: bool = False
-    # Extra Ray resources per generation actor (the Ray Data actor pool's ``resources``), e.g. a custom node
-    # resource to pin the actors to some nodes: {"gen_node": 0.01}. CPU / GPU come from cpus/gpus_per_engine.
+    # Extra Ray resources per generation actor, e.g. {"gen_node": 0.01} pins them to the nodes that have it
     resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Step-level sync (generation one step ahead of the trainer) is not wired into training yet: its knobs
-        # would do nothing, so setting them is an error rather than silently ignored.
-        if self.sync != "round":
-            raise ConfigError("generation.sync=steps is not available yet (anchors sync per round); use round")
-        for name, default in (("sync_every", 10), ("max_staleness", 1)):
-            if getattr(self, name) != default:
-                raise ConfigError(f"generation.{name} only applies to generation.sync=steps (not available yet)")
+        if self.sync == "round":
+            for name, default in (("sync_every", 1), ("max_staleness", 1), ("lora_sync", "adapters")):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"generation.{name} only applies to generation.sync=steps")
+        if self.sync_every < 1 or self.max_staleness < 0 or self.sync_every > self.max_staleness + 1:
+            raise ConfigError(f"generation: need 1 <= sync_every <= max_staleness + 1 (else a step waits for weights "
+                              f"never published), got {self.sync_every}, {self.max_staleness}")  # fmt: skip
         if self.temperature < 0:
             raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")
         check_resources("generation.resources", self.resources)

@@ -151,6 +151,16 @@ def save_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
+def apply_lora(cfg: ModelConfig, model):
+    """``model`` wrapped with peft LoRA adapters as ``model.lora_*`` configures (the policy, and the generation
+    actors' copy of it under ``generation.sync=steps`` with ``lora_sync=adapters``)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules))  # fmt: skip
+    return get_peft_model(model, lora)
+
+
 def load_pretrained(cfg: ModelConfig, name: str, *, seed: int):
     """(model, tokenizer) in eval mode: the one loader of a policy or reference for inference and generation.
 

@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, RunConfig
 Stage = Literal["sft", "train", "round", "trial", "generate", "evaluate"]
 STAGES: tuple[str, ...] = ("sft", "train", "round", "trial", "generate", "evaluate")
 ReferenceKind = Literal["none", "precompute", "copy", "lora"]
-AnchorSource = Literal["none", "column", "online"]
+AnchorSource = Literal["none", "column", "online", "steps"]
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,19 @@ def reference_kind(cfg: RunConfig) -> ReferenceKind:
 
 def anchor_source(cfg: RunConfig) -> AnchorSource:
     """Where the triplet's anchors come from (the one definition): none without the triplet term, else
-    ``train.anchors`` (``column``: generated before training, ``online``: sampled inside each step)."""
+    ``train.anchors`` (``column``: generated before training, ``online``: sampled inside each step), or ``steps``
+    (``generation.sync=steps``: generation actors make them from the policy during training)."""
     if not cfg.loss.uses_triplet:
         return "none"
     if cfg.train.anchors == "none":
         raise ConfigError("loss.gamma > 0 needs anchors: set train.anchors=column (or online), or loss.gamma=0")
+    if cfg.generation.sync == "steps":
+        if cfg.train.anchors != "column":
+            raise ConfigError("generation.sync=steps makes the engines' anchors during training: use it with "
+                              f"train.anchors=column, not {cfg.train.anchors}")  # fmt: skip
+        if cfg.train.zero_stage == 3:
+            raise ConfigError("generation.sync=steps publishes whole parameters: not with train.zero_stage=3")
+        return "steps"
     return cfg.train.anchors
 
 
@@ -168,7 +176,12 @@ class ReferencePlan:
 
 @dataclass(frozen=True, kw_only=True)
 class AnchorPlan:
-    """The anchors of a stage. ``folder`` holds column anchors (generated from ``generate_from``)."""
+    """The anchors of a stage. ``folder`` holds column anchors (generated from ``generate_from``).
+
+    ``steps`` (generation.sync=steps): ``sync_every`` / ``max_staleness`` fix which weights version each step's
+    anchors come from (:func:`pipeline.generation.sync_pool.anchor_version`); ``weights`` is what rank 0
+    publishes: all parameters (``full``), or a LoRA policy's ``adapters`` or ``merged`` target layers.
+    """
 
     source: AnchorSource
     folder: Path | None
@@ -176,6 +189,9 @@ class AnchorPlan:
     in_batches: bool  # batches carry anchor columns (column anchors)
     context: str
     prefix_tokens: int
+    sync_every: int = 0
+    max_staleness: int = 0
+    weights: Literal["none", "full", "adapters", "merged"] = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,7 +231,7 @@ def _reference(cfg: RunConfig, model: str) -> ReferencePlan:
         return _NO_REFERENCE
     ref = cfg.model.reference_name or model
     # precompute + online anchors: the anchors' reference log-ratios need a live reference in the step
-    live = kind == "copy" or (kind == "precompute" and anchor_source(cfg) == "online")
+    live = kind == "copy" or (kind == "precompute" and anchor_source(cfg) in ("online", "steps"))
     return ReferencePlan(
         kind=kind, model=ref, worker_model=ref if live else None, adapters_off=kind == "lora",
         precompute=kind == "precompute",
@@ -224,10 +240,14 @@ def _reference(cfg: RunConfig, model: str) -> ReferencePlan:
 
 def _anchors(cfg: RunConfig, layout: Layout, round_idx: int, policy: str, *, preference: bool) -> AnchorPlan:
     source = anchor_source(cfg) if preference else "none"
-    column = source == "column"
+    column, g = source == "column", cfg.generation
+    steps = {}
+    if source == "steps":
+        weights = g.lora_sync if cfg.model.lora_r > 0 else "full"
+        steps = {"sync_every": g.sync_every, "max_staleness": g.max_staleness, "weights": weights}
     return AnchorPlan(
         source=source, folder=layout.anchors(round_idx) if column else None, generate_from=policy if column else None,
-        in_batches=column, context=cfg.loss.anchor_context, prefix_tokens=cfg.loss.anchor_prefix_tokens,
+        in_batches=column, context=cfg.loss.anchor_context, prefix_tokens=cfg.loss.anchor_prefix_tokens, **steps,
     )  # fmt: skip
 
 

@@ -39,24 +39,14 @@ log = logging.getLogger(__name__)
 
 
 def _load_models(cfg: RunConfig, plan, device: torch.device):
-    from pipeline.models import build_model, build_tokenizer
+    from pipeline.models import apply_lora, build_model, build_tokenizer
 
     tok = build_tokenizer(cfg.model)
     policy = build_model(cfg.model, len(tok), name=plan.init_model, seed=plan.seed)
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        policy = get_peft_model(
-            policy,
-            LoraConfig(
-                r=cfg.model.lora_r,
-                lora_alpha=cfg.model.lora_alpha,
-                lora_dropout=cfg.model.lora_dropout,
-                target_modules=list(cfg.model.lora_target_modules),
-            ),
-        )
+        policy = apply_lora(cfg.model, policy)
     reference = None
     if plan.reference.worker_model:
         reference = build_model(cfg.model, len(tok), name=plan.reference.worker_model, seed=plan.seed).to(device)
@@ -149,13 +139,33 @@ def _any_nonfinite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def _micro_step(cfg: RunConfig, plan, engine, models, batch, generator, tok):
+def _attach_anchors(cfg: RunConfig, plan, engine, models, batch, tok, feed, tracker, epoch: int, index: int):
+    """Anchors made during training (``online``: sampled here; ``steps``: from the generation actors, ``feed``)
+    go into ``batch["anchor"]`` and ``workers/anchors_rank<r>.jsonl``."""
+    step = engine.global_steps
     if plan.anchors.source == "online":
-        from pipeline.train.anchors import online_anchor_pack
+        from pipeline.train.anchors import anchor_seed, online_anchor_pack
 
-        seed = cfg.generation.seed + engine.global_steps
-        pack = online_anchor_pack(cfg, models.policy, tok, batch["rows"], seed=seed)
-        batch["anchor"] = _to_device(pack, next(models.policy.parameters()).device)
+        pack, anchors = online_anchor_pack(cfg, models.policy, tok, batch["rows"], seed=anchor_seed(cfg, step))
+        version = step
+    elif feed is not None:
+        pack, anchors, version = feed.attach(batch["rows"], epoch, index, step, tok.pad_token_id)
+    else:
+        return
+    batch["anchor"] = _to_device(pack, next(models.policy.parameters()).device)
+    tracker.record_anchors(epoch, index, step, version, anchors)
+
+
+def _step_anchors(cfg: RunConfig, plan, table, engine):
+    """The generation-actor hook of ``generation.sync=steps`` (None for every other anchor source)."""
+    if plan.anchors.source != "steps":
+        return None
+    from pipeline.train.anchors import StepAnchors
+
+    return StepAnchors(cfg, plan, table, engine.module, start_step=engine.global_steps)
+
+
+def _micro_step(cfg: RunConfig, plan, engine, models, batch, generator, tok):
     if plan.mode == "sft":
         loss, per_example = sft_step(models, batch)
         return loss, metric_sums(per_example, {})
@@ -230,10 +240,12 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if job.has_eval else None
     tracker = _Tracker(job, rank, cfg.train.report_interval_s)
     window = MetricWindow()
+    feed = _step_anchors(cfg, plan, table, engine)
     engine.train()
     while engine.global_steps < plan.max_steps:
         for index, batch in _batches(table, plan, cfg, state.epoch, state.batch_in_epoch, device, tok.pad_token_id):
             tracker.record_rows(state.epoch, index, batch["rows"])
+            _attach_anchors(cfg, plan, engine, models, batch, tok, feed, tracker, state.epoch, index)
             loss, sums = _micro_step(cfg, plan, engine, models, batch, generator, tok)
             state.batch_in_epoch = index + 1
             if _any_nonfinite(loss):
@@ -248,7 +260,11 @@ def train_loop(config: dict[str, Any]) -> None:
             if not boundary:
                 continue
             step = engine.global_steps
+            if feed is not None:
+                feed.after_step(step, engine.module)
             metrics = window.flush(engine, state, grad_norm) if step % cfg.train.log_every == 0 else None
+            if metrics is not None and feed is not None:
+                metrics.update(feed.metrics())
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 metrics = {**(metrics or {}), **run_eval(cfg, plan, models, eval_shard, device, tok.pad_token_id)}
             save = cfg.train.save_every and step % cfg.train.save_every == 0
@@ -258,6 +274,8 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
+    if feed is not None:
+        feed.close()
     final = run_eval(cfg, plan, models, eval_shard, device, tok.pad_token_id)
     export_model(
         engine, tok, str(plan.model_dir), rank=rank, zero_stage=cfg.train.zero_stage, merge_lora=cfg.model.merge_lora
@@ -273,6 +291,7 @@ class _Tracker:
         self.last_report = time.time()
         self.path = job.plan.metrics_path
         self.rows_path = job.plan.stage_dir / "workers" / f"rows_rank{rank}.jsonl"
+        self.anchors_path = job.plan.stage_dir / "workers" / f"anchors_rank{rank}.jsonl"
         self.mlflow = None
         self.start = time.time()
         if rank == 0 and job.mlflow:
@@ -286,6 +305,13 @@ class _Tracker:
         rank, auditable (the shuffling and resume tests read it; a restarted worker appends the steps it redoes)."""
         record = {"epoch": epoch, "index": index, "row_ids": [str(r["row_id"]) for r in rows]}
         with self.rows_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def record_anchors(self, epoch: int, index: int, step: int, version: int, anchors) -> None:
+        """Append the anchors a micro-batch trained with, and the weights version (optimizer steps) they come
+        from, to ``workers/anchors_rank<r>.jsonl`` (the exactness and resume tests compare them)."""
+        record = {"epoch": epoch, "index": index, "step": step, "version": version, "anchor_ids": anchors}
+        with self.anchors_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def report(self, step: int, metrics: dict[str, float] | None, engine, state: ckpt.TrainState) -> None:

@@ -14,7 +14,6 @@ from pipeline.config import GenerationConfig, ModelConfig, load_config
 from pipeline.generation.anchor_udf import anchor_columns, anchor_context
 from pipeline.generation.engine import Generation, SamplingParams, sample_seed, select_engine, vllm_available
 from pipeline.generation.hf_engine import HFEngine, filter_logits, sample_responses
-from pipeline.generation.pipelined import PipelinedGenerator, StalenessError
 from pipeline.generation.stage import check_rows, resolve_model_path
 from pipeline.models import build_model, byte_tokenizer, save_pretrained
 
@@ -182,28 +181,6 @@ def test_default_model_path_is_the_current_policy(tmp_path, tok):
     assert resolve_model_path(cfg, str(sft)) == str(sft)
     with pytest.raises(FileNotFoundError):
         resolve_model_path(cfg, str(tmp_path / "missing"))
-
-
-def test_pipelined_generator_tracks_and_bounds_staleness(tok, prompts):
-    """Batches submitted before a sync use the old weights; staleness = trainer step - weights step."""
-    model_a, model_b = build_model(ModelConfig(), len(tok), seed=0), changed_model(tok)
-    ref_b = [g.token_ids for g in sample_responses(model_b, tok, prompts[:2], GREEDY)]
-    ref_a = [g.token_ids for g in sample_responses(model_a, tok, prompts[:2], GREEDY)]
-    with PipelinedGenerator(HFEngine(model_a, tok), GREEDY, max_staleness=1) as gen:
-        gen.submit(prompts[:2])  # for step 0, weights of step 0
-        gen.submit(prompts[:2])  # for step 1, still weights of step 0 (queued before the sync)
-        gen.sync(model_b.state_dict().items(), step=1)
-        gen.submit(prompts[:2])  # for step 2, weights of step 1
-        gen.submit(prompts[:2])  # for step 4: too stale
-        first, second, third = gen.get(0), gen.get(1), gen.get(2)
-        assert [g[0].token_ids for g in first.generations] == ref_a == [g[0].token_ids for g in second.generations]
-        assert [g[0].token_ids for g in third.generations] == ref_b
-        assert (first.staleness, second.staleness, third.staleness) == (0, 1, 1)
-        with pytest.raises(StalenessError, match="staleness 3 > generation.max_staleness=1"):
-            gen.get(4)
-        stats = gen.stats()
-    assert stats["anchors/staleness_max"] == 3.0 and stats["anchors/syncs"] == 1.0
-    assert stats["anchors/staleness_mean"] == pytest.approx((0 + 1 + 1 + 3) / 4)
 
 
 def test_stop_strings_become_token_ids(tok):

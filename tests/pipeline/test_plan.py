@@ -152,7 +152,7 @@ def test_tune_trials_over_presets_resolve_as_the_presets(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["generation.sync=steps", "generation.sync_every=3", "generation.max_staleness=2", "generation.n=4",
+    ["generation.sync_every=3", "generation.max_staleness=2", "generation.lora_sync=merged", "generation.n=4",
      "train.backend=ddp"],
 )  # fmt: skip
 def test_knobs_that_do_nothing_are_refused(tmp_path, override):

@@ -120,12 +120,12 @@ def test_online_anchors_continue_the_chosen_prefix(model):
     cfg = load_config(
         None, ["loss.anchor_context=chosen_prefix", "loss.anchor_prefix_tokens=2", "generation.max_new_tokens=3"]
     )
-    pack = online_anchor_pack(cfg, model, Tok(), rows, seed=0)
+    pack, anchors = online_anchor_pack(cfg, model, Tok(), rows, seed=0)
     for i, r in enumerate(rows):
         start = len(r["prompt_ids"])
         anchor = pack["input_ids"][i, start:][pack["attention_mask"][i, start:].bool()].tolist()
         assert anchor[:2] == r["chosen_ids"][:2]  # the copied chosen prefix, then 1..3 sampled tokens
         assert 3 <= len(anchor) <= 5
-        assert int(pack["response_mask"][i].sum()) == len(anchor)
-    again = online_anchor_pack(cfg, model, Tok(), rows, seed=0)
+        assert int(pack["response_mask"][i].sum()) == len(anchor) and anchor == anchors[i]
+    again, _ = online_anchor_pack(cfg, model, Tok(), rows, seed=0)
     assert torch.equal(again["input_ids"], pack["input_ids"])  # seeded per row: reproducible
