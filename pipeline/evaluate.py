@@ -66,6 +66,14 @@ def read_eval_split(output_dir: str | Path):
     return df.sort_values("row_id", kind="stable").reset_index(drop=True)
 
 
+def batch_starts(total: int, batch_size: int, desc: str):
+    """The start index of each batch of ``range(total)``, with a progress bar named ``desc`` (stderr)."""
+    from tqdm import tqdm
+
+    starts = range(0, total, batch_size)
+    return tqdm(starts, total=len(starts), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+
+
 def _ids(column) -> list[list[int]]:
     return [[int(t) for t in row] for row in column]
 
@@ -75,7 +83,9 @@ def _ids(column) -> list[list[int]]:
 
 
 @torch.no_grad()
-def score_responses(policy, ref, prompts, responses, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
+def score_responses(
+    policy, ref, prompts, responses, pad_id: int, batch_size: int, *, desc: str = "score"
+) -> dict[str, torch.Tensor]:
     """Label-aligned token log-probs of prompt + response rows under the policy and (unless ``ref`` is None) the
     reference, the response masks, and the full-vocabulary KL per row (``tidpo.tdpo_kl``)."""
     from pipeline.batching import pack_sequences
@@ -85,7 +95,7 @@ def score_responses(policy, ref, prompts, responses, pad_id: int, batch_size: in
     input_ids, attention_mask, response_mask = packed["input_ids"], packed["attention_mask"], packed["response_mask"]
     labels = input_ids[:, 1:]
     out: dict[str, list[torch.Tensor]] = {"policy_token_logps": [], "ref_token_logps": [], "full_kl": []}
-    for s in range(0, len(prompts), batch_size):
+    for s in batch_starts(len(prompts), batch_size, desc):
         ids, attn, lab, mask = (t[s : s + batch_size] for t in (input_ids, attention_mask, labels, response_mask))
         policy_logits = policy(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # predicts labels
         out["policy_token_logps"].append(token_logps(policy_logits, lab))
@@ -126,7 +136,8 @@ def preference_section(cfg: RunConfig, policy, ref, tok, df) -> tuple[dict[str, 
     n = len(df)
     prompts = _ids(df["prompt_ids"])
     responses = _ids(df["chosen_ids"]) + _ids(df["rejected_ids"])  # rows 0..n-1 chosen, n..2n-1 rejected
-    scored = score_responses(policy, ref, prompts + prompts, responses, tok.pad_token_id, cfg.eval.batch_size)
+    scored = score_responses(policy, ref, prompts + prompts, responses, tok.pad_token_id, cfg.eval.batch_size,
+                             desc="eval: preference pairs")  # fmt: skip
     mask = scored["response_mask"]
     pol = (scored["policy_token_logps"].double() * mask).sum(-1)
     rf = (scored["ref_token_logps"].double() * mask).sum(-1)
@@ -165,7 +176,7 @@ def preference_section(cfg: RunConfig, policy, ref, tok, df) -> tuple[dict[str, 
 # Generation: synthetic judge, diversity, KL on the policy's own samples, benchmarks.
 
 
-def generate(cfg: RunConfig, model, tok, prompts: list[list[int]], *, temperature: float, n: int, seed: int):
+def generate(cfg: RunConfig, model, tok, prompts: list[list[int]], *, temperature: float, n: int, seed: int, desc: str):
     """``n`` responses per prompt with the transformers engine (greedy when ``temperature`` is 0), seeded."""
     from pipeline.generation.engine import SamplingParams
     from pipeline.generation.hf_engine import sample_responses
@@ -179,7 +190,7 @@ def generate(cfg: RunConfig, model, tok, prompts: list[list[int]], *, temperatur
         n=n,
     )
     out = []
-    for s in range(0, len(prompts), cfg.eval.batch_size):
+    for s in batch_starts(len(prompts), cfg.eval.batch_size, desc):
         out += sample_responses(model, tok, prompts[s : s + cfg.eval.batch_size], params)
     return out
 
@@ -196,13 +207,13 @@ def generation_section(cfg: RunConfig, policy, ref, tok, df, measures: set[str])
     sub = df.head(cfg.eval.num_prompts)
     prompts = _ids(sub["prompt_ids"])
     sampled = generate(cfg, policy, tok, prompts, temperature=cfg.eval.temperature, n=cfg.eval.num_samples,
-                       seed=cfg.seed)  # fmt: skip
+                       seed=cfg.seed, desc="eval: sample")  # fmt: skip
     metrics: dict[str, Any] = {}
     if "synthetic" in measures:
         from evaluation.synthetic import judge
 
         texts = list(sub["prompt_text"])  # the last user message: the task prompt the judge parses
-        greedy = generate(cfg, policy, tok, prompts, temperature=0.0, n=1, seed=cfg.seed)
+        greedy = generate(cfg, policy, tok, prompts, temperature=0.0, n=1, seed=cfg.seed, desc="eval: greedy")
         g_scores = [judge(t, g.text) for t, g in zip(texts, greedy, strict=True)]
         s_scores = [judge(texts[i // cfg.eval.num_samples], g.text) for i, g in enumerate(sampled)]
         metrics |= {
@@ -216,8 +227,9 @@ def generation_section(cfg: RunConfig, policy, ref, tok, df, measures: set[str])
         metrics |= diversity_metrics([_strip_stops(g.token_ids, tok) for g in sampled])
     kept = [(prompts[i // cfg.eval.num_samples], g.token_ids) for i, g in enumerate(sampled) if g.token_ids]
     scored = score_responses(
-        policy, ref, [p for p, _ in kept], [r for _, r in kept], tok.pad_token_id, cfg.eval.batch_size
-    )
+        policy, ref, [p for p, _ in kept], [r for _, r in kept], tok.pad_token_id, cfg.eval.batch_size,
+        desc="eval: KL on samples",
+    )  # fmt: skip
     metrics |= _kl(scored, "eval/kl_sampled")
     return metrics
 
@@ -234,19 +246,20 @@ def benchmark_section(cfg: RunConfig, model, tok, names: list[str]) -> tuple[dic
     from evaluation.benchmarks import run_benchmark
     from pipeline.data.template import encode_prompt
 
-    def generate_texts(texts: list[str]) -> list[str]:
+    def generate_texts(texts: list[str], desc: str) -> list[str]:
         prompts = [encode_prompt(tok, t) for t in texts]
-        return [g.text for g in generate(cfg, model, tok, prompts, temperature=0.0, n=1, seed=cfg.seed)]
+        return [g.text for g in generate(cfg, model, tok, prompts, temperature=0.0, n=1, seed=cfg.seed, desc=desc)]
 
-    def loglik(pairs: list[tuple[str, str]]) -> list[float]:
+    def loglik(pairs: list[tuple[str, str]], desc: str) -> list[float]:
         ctx = [tok(c)["input_ids"] or [tok.bos_token_id] for c, _ in pairs]
         cont = [tok(c, add_special_tokens=False)["input_ids"] for _, c in pairs]
         todo = [i for i, c in enumerate(cont) if c]
         out = [0.0] * len(pairs)
         if todo:
             s = score_responses(
-                model, None, [ctx[i] for i in todo], [cont[i] for i in todo], tok.pad_token_id, cfg.eval.batch_size
-            )
+                model, None, [ctx[i] for i in todo], [cont[i] for i in todo], tok.pad_token_id, cfg.eval.batch_size,
+                desc=desc,
+            )  # fmt: skip
             sums = (s["policy_token_logps"].double() * s["response_mask"]).sum(-1).tolist()
             for i, v in zip(todo, sums, strict=True):
                 out[i] = v
@@ -257,7 +270,15 @@ def benchmark_section(cfg: RunConfig, model, tok, names: list[str]) -> tuple[dic
     for name in names:
         path, limit = getattr(cfg.eval, f"{name}_path"), cfg.eval.benchmark_limit
         options = _benchmark_options(cfg, name)
-        results[name] = run_benchmark(name, path, generate=generate_texts, loglik=loglik, limit=limit, **options)
+        desc = f"eval: {name}"
+        results[name] = run_benchmark(
+            name,
+            path,
+            generate=lambda texts, d=desc: generate_texts(texts, d),
+            loglik=lambda pairs, d=desc: loglik(pairs, d),
+            limit=limit,
+            **options,
+        )
         metrics |= {
             f"eval/{name}/{k}": v for k, v in flatten(results[name], sep="/", keep_empty=False).items() if _is_number(v)
         }

@@ -35,6 +35,10 @@ TABLE_KEYS = (
     "eval/rewards/accuracies",
     "eval/rewards/margins",
     "eval/kl/logratio_per_token",
+    "eval/ifeval/prompt_level_loose_acc",
+    "eval/truthfulqa/mc1",
+    "eval/truthfulqa/mc2",
+    "eval/diversity/distinct_2",
 )
 
 
@@ -77,8 +81,11 @@ def sft_warm_start(cfg: RunConfig, *, force: bool) -> str:
     return str(job.model_dir)
 
 
-def run_rounds(cfg: RunConfig, start_model: str, *, force: bool) -> list[dict[str, Any]]:
-    """Evaluate the start, then each round: anchors from the latest policy, train from it, evaluate it.
+def run_rounds(
+    cfg: RunConfig, start_model: str, *, force: bool, start: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Evaluate the start (unless ``start``, its row, is given), then each round: anchors from the latest
+    policy, train from it, evaluate it.
 
     The plan of round k says it all: it starts from round k-1's export (round 1: the SFT model), its anchors come
     from that policy, its reference is ``model.reference_name`` or the start model.
@@ -89,7 +96,7 @@ def run_rounds(cfg: RunConfig, start_model: str, *, force: bool) -> list[dict[st
     from pipeline.train.trainer import run_training
 
     out = Path(cfg.output_dir)
-    rows = [{"round": 0, "stage": "start", **_pick(evaluate(cfg, model_path=start_model, round_idx=0))}]
+    rows = [start if start is not None else evaluate_start(cfg, start_model)]
     for k in range(1, cfg.loop.rounds + 1):
         p = plan(cfg, "round", round_idx=k)
         summary = run_training(cfg, build_job(cfg, p, force=force), force=force)
@@ -101,6 +108,7 @@ def run_rounds(cfg: RunConfig, start_model: str, *, force: bool) -> list[dict[st
                 "stage": "train",
                 "train_steps": summary["steps"],
                 "train_tokens_per_s": summary["tokens_per_s"],
+                "train_step_time_s": summary["step_time_s"],
                 **_pick(metrics),
             }
         )
@@ -108,17 +116,26 @@ def run_rounds(cfg: RunConfig, start_model: str, *, force: bool) -> list[dict[st
     return rows
 
 
+def evaluate_start(cfg: RunConfig, start_model: str) -> dict[str, Any]:
+    """Round 0's row: the start model evaluated before any preference training."""
+    from pipeline.evaluate import evaluate
+
+    return {"round": 0, "stage": "start", **_pick(evaluate(cfg, model_path=start_model, round_idx=0))}
+
+
 def _pick(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in TABLE_KEYS}
 
 
 def format_table(rows: list[dict[str, Any]], label: str = "round") -> str:
-    """A plain-text table of the per-round (or per-variant) metrics."""
-    cols = [label, *(k.removeprefix("eval/") for k in TABLE_KEYS)]
-    lines = [" | ".join(f"{c:>22}" for c in cols)]
+    """A plain-text table of the per-round (or per-variant) metrics that some row has."""
+    keys = [k for k in TABLE_KEYS if any(r.get(k) is not None for r in rows)]
+    cols = [label, *(k.removeprefix("eval/") for k in keys)]
+    width = max(map(len, cols))
+    lines = [" | ".join(f"{c:>{width}}" for c in cols)]
     for r in rows:
-        cells = [str(r.get(label))] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in TABLE_KEYS]
-        lines.append(" | ".join(f"{c:>22}" for c in cells))
+        cells = [str(r.get(label))] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in keys]
+        lines.append(" | ".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -134,13 +151,14 @@ def run_loop(cfg: RunConfig, *, force: bool = False) -> dict[str, Any]:
     start_model = sft_warm_start(cfg, force=force)
     result: dict[str, Any] = {"output_dir": str(out), "ray": where, "start_model": start_model}
     if cfg.loop.compare:
-        table = []
+        start_row = evaluate_start(cfg, start_model)  # one start for every variant: the same model and data
+        table = [{"variant": "start", **start_row}]
         for name in cfg.loop.compare:
             vcfg = variant_config(cfg, name)
             for shared in ("data", "sft"):
                 if (out / shared).exists():
                     _link(out / shared, Path(vcfg.output_dir) / shared)
-            rows = run_rounds(vcfg, start_model, force=force)
+            rows = run_rounds(vcfg, start_model, force=force, start=start_row)
             table.append({"variant": name, **rows[-1]})
         result["compare"] = table
         result["table"] = format_table(table, "variant")
