@@ -191,6 +191,7 @@ class StepAnchors:
                 if held is None or (held[1]["version"], held[1]["seed"]) != (request["version"], request["seed"]):
                     self.regenerated += held is not None
                     self.pool.submit(request)
+            self.deferred = [r for r in self.deferred if r["key"] not in keys]  # submitted just now instead
             results = self.pool.take(keys)
             self.tokens += sum(r["tokens"] for r in results)
             self.gen_s += sum(r["seconds"] for r in results)
