@@ -84,6 +84,18 @@ def test_checkpoint_storage_is_one_run_folder_per_stage(tmp_path: Path) -> None:
     _delete_run(checkpoint_storage(local, stage), "preference")  # nothing there: no error
 
 
+def test_wait_is_a_fixed_worker_group_with_the_placement_keys() -> None:
+    """on_node_loss=wait: a fixed num_workers (Ray Train's FixedScalingPolicy restarts all of them), not a range."""
+    pytest.importorskip("ray")
+    from pipeline.train.trainer import scaling_config
+
+    cfg = load_config(None, ["train.num_workers=3", "train.placement_strategy=STRICT_SPREAD",
+                             "train.resources_per_worker={train_node: 0.01}"])  # fmt: skip
+    sc = scaling_config(cfg.train)
+    assert sc.num_workers == 3 and not sc.elasticity_enabled and sc.placement_strategy == "STRICT_SPREAD"
+    assert sc.resources_per_worker == {"CPU": cfg.train.cpus_per_worker, "train_node": 0.01}
+
+
 def _llama_params(h: int, layers: int, heads: int, kv_heads: int, f: int, vocab: int, tied: bool) -> int:
     h_kv = kv_heads * (h // heads)
     return layers * (2 * h * h + 2 * h * h_kv + 3 * h * f + 2 * h) + vocab * h * (1 if tied else 2) + h
