@@ -118,7 +118,7 @@ class AnchorActor:
         """The checksum of what the engine now holds under the sent names (vLLM fuses its layers, so there it
         is the checksum of the tensors received)."""
         model = getattr(self.engine, "model", None)
-        if model is None:
+        if not isinstance(model, torch.nn.Module):
             return weights_checksum(named)
         state = model.state_dict()
         return weights_checksum([(n, state[n.removeprefix("module.")]) for n, _ in named])
