@@ -117,8 +117,7 @@ class GenerationConfig:
     max_new_tokens: int = 64
     seed: int = 0
     stop: tuple[str, ...] = ()
-    # round: anchors made before each round; steps: generation actors make the next step's anchors during
-    # training from weights published every sync_every steps (pipeline/generation/sync_pool.py)
+    # steps: generation actors make the next step's anchors during training (pipeline/generation/sync_pool.py)
     sync: Literal["round", "steps"] = "round"
     sync_every: int = 1
     tensor_parallel_size: int = 1
@@ -136,13 +135,12 @@ class GenerationConfig:
     resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.sync == "round":
-            for name, default in (("sync_every", 1), ("max_staleness", 1), ("lora_sync", "adapters")):
-                if getattr(self, name) != default:
-                    raise ConfigError(f"generation.{name} only applies to generation.sync=steps")
-        if self.sync_every < 1 or self.max_staleness < 0 or self.sync_every > self.max_staleness + 1:
-            raise ConfigError(f"generation: need 1 <= sync_every <= max_staleness + 1 (else a step waits for weights "
-                              f"never published), got {self.sync_every}, {self.max_staleness}")  # fmt: skip
+        steps_only = (("sync_every", 1), ("max_staleness", 1), ("lora_sync", "adapters"))
+        if self.sync == "round" and (unused := [n for n, d in steps_only if getattr(self, n) != d]):
+            raise ConfigError(f"generation.{unused[0]} only applies to generation.sync=steps")
+        if not 1 <= self.sync_every <= self.max_staleness + 1:  # else a step waits for weights never published
+            raise ConfigError(f"generation: need 1 <= sync_every <= max_staleness + 1, got {self.sync_every}, "
+                              f"{self.max_staleness}")  # fmt: skip
         if self.temperature < 0:
             raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")
         check_resources("generation.resources", self.resources)
