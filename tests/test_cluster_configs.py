@@ -82,6 +82,9 @@ def test_checkpoint_storage_is_one_run_folder_per_stage(tmp_path: Path) -> None:
     _delete_run(checkpoint_storage(local, stage), "preference")  # what a fresh run (force) clears
     assert not run.exists() and run.parent.is_dir()
     _delete_run(checkpoint_storage(local, stage), "preference")  # nothing there: no error
+    (stage / "ray" / "preference").mkdir(parents=True)  # the default: a local path, no URI
+    _delete_run(checkpoint_storage(cfg, stage), "preference")
+    assert not (stage / "ray" / "preference").exists()
 
 
 def test_wait_is_a_fixed_worker_group_with_the_placement_keys() -> None:

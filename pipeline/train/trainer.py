@@ -225,7 +225,7 @@ def _delete_run(storage: str, name: str) -> None:
     """Remove a Ray Train run folder ``<storage>/<name>`` (a local path or any pyarrow URI) if it exists."""
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
     if fs.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.NotFound:
         fs.delete_dir(f"{path}/{name}")
 
