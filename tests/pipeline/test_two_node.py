@@ -27,9 +27,11 @@ from pathlib import Path
 
 import pytest
 
-# In the default run: one test, the issue's proof (placement, job submit, node loss, storage) from one submitted
-# run. Minutes-long at best on 2 shared cores (docs/SCALING.md section 7a has the measured times).
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Expensive (left out of the default run; `pytest -m expensive tests/pipeline/test_two_node.py` runs it): one test,
+# the issue's proof (placement, job submit, node loss, storage) from one submitted run. It took 804 s on 2 shared
+# cores and passed 1 of 4 full runs under load (node b failed to register within `ray start`'s 30 s twice, one run
+# hit the time limit): too long and too load-sensitive for CI's 30-minute aim (docs/SCALING.md section 7a).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.expensive]
 ROOT = Path(__file__).resolve().parents[2]
 
 
