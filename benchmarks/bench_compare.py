@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_compare")
     ns = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     if "dpo" not in ns.variants:
         ap.error("--variants must include dpo (step times are reported as ratios to it)")
 
