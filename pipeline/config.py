@@ -7,7 +7,7 @@ Defaults live here. YAML files only override them; unknown keys raise with their
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,8 +117,7 @@ class GenerationConfig:
     max_new_tokens: int = 64
     seed: int = 0
     stop: tuple[str, ...] = ()
-    # steps: generation actors make the next step's anchors during training (pipeline/generation/sync_pool.py)
-    sync: Literal["round", "steps"] = "round"
+    sync: Literal["round", "steps"] = "round"  # steps: actors make the next step's anchors (generation/sync_pool.py)
     sync_every: int = 1
     tensor_parallel_size: int = 1
     gpus_per_engine: float = 1.0
@@ -129,14 +128,13 @@ class GenerationConfig:
     max_staleness: int = 1
     # sync=steps with LoRA: publish the adapters or the merged layers (vLLM: merged); anchor_sync.json times both
     lora_sync: Literal["adapters", "merged"] = "adapters"
-    # vLLM: skip CUDA-graph capture (required by the CPU build; faster start-up for short runs).
-    enforce_eager: bool = False
-    # Extra Ray resources per generation actor, e.g. {"gen_node": 0.01} pins them to the nodes that have it
-    resources: dict[str, float] = field(default_factory=dict)
+    enforce_eager: bool = False  # vLLM: skip CUDA-graph capture (required by the CPU build; faster start-up)
+    resources: dict[str, float] = field(default_factory=dict)  # per actor, e.g. {"gen_node": 0.01}: pinned
 
     def __post_init__(self) -> None:
-        steps_only = (("sync_every", 1), ("max_staleness", 1), ("lora_sync", "adapters"))
-        if self.sync == "round" and (unused := [n for n, d in steps_only if getattr(self, n) != d]):
+        default = {f.name: f.default for f in fields(self)}  # the steps-only keys must keep theirs under round
+        unused = [n for n in ("sync_every", "max_staleness", "lora_sync") if getattr(self, n) != default[n]]
+        if self.sync == "round" and unused:
             raise ConfigError(f"generation.{unused[0]} only applies to generation.sync=steps")
         if not 1 <= self.sync_every <= self.max_staleness + 1:  # else a step waits for weights never published
             raise ConfigError(f"generation: need 1 <= sync_every <= max_staleness + 1, got {self.sync_every}, "
