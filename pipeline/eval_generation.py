@@ -8,7 +8,7 @@ from typing import Any
 from evaluation.diversity import diversity_metrics
 from evaluation.nested import flatten
 from pipeline.config import RunConfig
-from pipeline.evaluate import _ids, _kl, batch_starts, is_number, score_responses
+from pipeline.evaluate import batch_starts, id_lists, is_number, kl_section, score_responses
 
 
 def generate(cfg: RunConfig, model, tok, prompts: list[list[int]], *, temperature: float, n: int, seed: int, desc: str):
@@ -40,7 +40,7 @@ def _strip_stops(ids: list[int], tok) -> list[int]:
 def generation_section(cfg: RunConfig, policy, ref, tok, df, measures: set[str]) -> dict[str, Any]:
     """Judge scores (synthetic data only), diversity and KL of the policy's sampled responses."""
     sub = df.head(cfg.eval.num_prompts)
-    prompts = _ids(sub["prompt_ids"])
+    prompts = id_lists(sub["prompt_ids"])
     sampled = generate(cfg, policy, tok, prompts, temperature=cfg.eval.temperature, n=cfg.eval.num_samples,
                        seed=cfg.seed, desc="eval: sample")  # fmt: skip
     metrics: dict[str, Any] = {}
@@ -65,7 +65,7 @@ def generation_section(cfg: RunConfig, policy, ref, tok, df, measures: set[str])
         policy, ref, [p for p, _ in kept], [r for _, r in kept], tok.pad_token_id, cfg.eval.batch_size,
         desc="eval: KL on samples",
     )  # fmt: skip
-    metrics |= _kl(scored, "eval/kl_sampled")
+    metrics |= kl_section(scored, "eval/kl_sampled")
     return metrics
 
 

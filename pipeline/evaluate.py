@@ -72,7 +72,7 @@ def batch_starts(total: int, batch_size: int, desc: str):
     return tqdm(starts, total=len(starts), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
 
 
-def _ids(column) -> list[list[int]]:
+def id_lists(column) -> list[list[int]]:
     return [[int(t) for t in row] for row in column]
 
 
@@ -105,7 +105,7 @@ def score_responses(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask, **tensors}
 
 
-def _kl(scored: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+def kl_section(scored: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
     return kl_metrics(policy_token_logps=scored["policy_token_logps"], ref_token_logps=scored["ref_token_logps"],
                       mask=scored["response_mask"], full_kl=scored["full_kl"], prefix=prefix)  # fmt: skip
 
@@ -132,8 +132,8 @@ def token_weights(cfg: RunConfig, policy, scored: dict[str, torch.Tensor], rows:
 def preference_section(cfg: RunConfig, policy, ref, tok, df) -> tuple[dict[str, Any], list[dict]]:
     """Implicit-reward metrics, KL on the eval split, weight diagnostics, and the heatmap entries."""
     n = len(df)
-    prompts = _ids(df["prompt_ids"])
-    responses = _ids(df["chosen_ids"]) + _ids(df["rejected_ids"])  # rows 0..n-1 chosen, n..2n-1 rejected
+    prompts = id_lists(df["prompt_ids"])
+    responses = id_lists(df["chosen_ids"]) + id_lists(df["rejected_ids"])  # rows 0..n-1 chosen, n..2n-1 rejected
     scored = score_responses(policy, ref, prompts + prompts, responses, tok.pad_token_id, cfg.eval.batch_size,
                              desc="eval: preference pairs")  # fmt: skip
     mask = scored["response_mask"]
@@ -146,7 +146,7 @@ def preference_section(cfg: RunConfig, policy, ref, tok, df) -> tuple[dict[str, 
         ref_rejected_logps=rf[n:],
         beta=cfg.loss.beta,
     )
-    metrics |= _kl(scored, "eval/kl")
+    metrics |= kl_section(scored, "eval/kl")
     k = min(n, max(cfg.eval.weight_diag_pairs, cfg.eval.heatmap_pairs))
     rows = list(range(k)) + list(range(n, n + k))
     weights, zero = token_weights(cfg, policy, scored, rows)
