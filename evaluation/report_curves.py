@@ -10,7 +10,6 @@ The SFT warm start (``sft/``) is left out: its loss is a likelihood, not a prefe
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from evaluation.benchmarks.common import iter_jsonl
 from evaluation.nested import flatten
 
 SKIP_CURVE = {"step", "epoch", "time", "timestamp", "round"}
@@ -44,15 +44,9 @@ Curves = dict[str, list[tuple[float, float]]]
 def load_curves(path: str | Path) -> Curves:
     """``metrics.jsonl`` -> {metric: [(step, value), ...]} for every numeric key, sorted by step (``step`` = the
     row's ``step``, else its line number; a step logged twice, as after a worker restart, keeps its last value).
-    A malformed line raises with its line number."""
+    A malformed line (not JSON, not an object) raises with its line number (``iter_jsonl``)."""
     by_key: dict[str, dict[float, float]] = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not a JSON object: {exc}") from exc
+    for lineno, row in iter_jsonl(path):
         step = float(row.get("step", lineno))
         for key, value in row.items():
             if key not in SKIP_CURVE and isinstance(value, (int, float)) and not isinstance(value, bool):

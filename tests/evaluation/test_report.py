@@ -152,3 +152,6 @@ def test_load_curves_reports_bad_lines(tmp_path):
     path.write_text('{"step": 1}\n{broken\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         load_curves(path)
+    path.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: expected a JSON object"):
+        load_curves(path)
