@@ -59,7 +59,7 @@ def _progress(metrics_path: Path, total: int, stop: threading.Event) -> None:
     seen = 0
     while not stop.is_set():
         if metrics_path.exists():
-            lines = metrics_path.read_text().splitlines()
+            lines = metrics_path.read_text().split("\n")[:-1]  # complete lines only: rank 0 may be mid-write
             for line in lines[seen:]:
                 rec = json.loads(line)
                 bar.n = min(total, int(rec.get("step", bar.n)))
