@@ -307,6 +307,18 @@ def _assert_data_order(prepared: Path, train_dir: Path, *, micro: int, world: in
     assert firsts[0][0] != firsts[0][1]  # the second epoch is in another order
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has exited within ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_killed_driver_resumes_on_rerun(prepared, ray_cluster):
     """`tidpo train` (a driver process on the running cluster, as under `ray job submit`) is SIGKILLed with its
     process group after a registered checkpoint; the same command re-run resumes from that checkpoint."""
@@ -329,6 +341,10 @@ def test_killed_driver_resumes_on_rerun(prepared, ray_cluster):
     assert registered is not None, f"no checkpoint was registered: {(out / 'first.log').read_text()[-3000:]}"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
+    # The dead driver's workers run on until Ray reaps them and may log a step more: read the first attempt's
+    # steps once its rank 0 (a process of the cluster, not of the driver's group) is gone.
+    rank0 = json.loads((out / "train" / "workers" / "rank0.json").read_text())["pid"]
+    assert _wait_exit(rank0, timeout=120), f"rank 0 (pid {rank0}) outlived its driver by 120 s"
     first = [r["step"] for r in _metrics(out / "train") if "loss" in r]
     assert max(first) < 20, "the driver finished before it was killed"
 
