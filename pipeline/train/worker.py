@@ -165,6 +165,11 @@ def _step_anchors(cfg: RunConfig, plan, table, engine):
     return StepAnchors(cfg, plan, table, engine.module, start_step=engine.global_steps)
 
 
+def autocast(train, device: torch.device):
+    """``train.autocast=bf16``: the step's forwards under torch.autocast (bfloat16 matmuls, float32 weights)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.autocast == "bf16")
+
+
 def _micro_step(cfg: RunConfig, plan, engine, models, batch, generator, tok):
     if plan.mode == "sft":
         loss, per_example = sft_step(models, batch)
@@ -246,7 +251,8 @@ def train_loop(config: dict[str, Any]) -> None:
         for index, batch in _batches(table, plan, cfg, state.epoch, state.batch_in_epoch, device, tok.pad_token_id):
             tracker.record_rows(state.epoch, index, batch["rows"])
             _attach_anchors(cfg, plan, engine, models, batch, tok, feed, tracker, state.epoch, index)
-            loss, sums = _micro_step(cfg, plan, engine, models, batch, generator, tok)
+            with autocast(cfg.train, device):
+                loss, sums = _micro_step(cfg, plan, engine, models, batch, generator, tok)
             state.batch_in_epoch = index + 1
             if _any_nonfinite(loss):
                 state.nonfinite += 1
