@@ -1,11 +1,14 @@
 """Per-step training metrics: accumulate sums over micro-batches, all-reduce over workers, reduce to means.
 
 Metric names follow TRL (``loss``, ``rewards/...``, ``logps/...``, ``grad_norm``, ``learning_rate``,
-``num_tokens``) plus ``tokens_per_s``, ``step_time_s``, ``peak_memory_mb`` and the TI-DPO extras.
+``num_tokens``) plus ``tokens_per_s``, ``step_time_s``, ``peak_memory_mb``, the TI-DPO extras, and where a step's
+time goes: ``time/{anchors,forward,backward,optimizer}_s`` (this worker's seconds per optimizer step in each phase:
+anchor sampling, the loss forwards with attribution, ``engine.backward``, the optimizer step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -31,7 +34,17 @@ class MetricWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.steps_since = 0
+        self.phases: dict[str, float] = {}
         self.last = time.perf_counter()
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Add the wall seconds of the block to ``time/<phase>_s`` of the window."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
 
     def add(self, sums: dict[str, torch.Tensor], *, num_tokens: int) -> None:
         for k, v in sums.items():
@@ -62,8 +75,9 @@ class MetricWindow:
         out["learning_rate"] = float(engine.get_lr()[0])
         out["tokens_per_s"] = out["num_tokens"] / max(elapsed, 1e-9)
         out["step_time_s"] = elapsed / steps
+        out |= {f"time/{phase}_s": seconds / steps for phase, seconds in self.phases.items()}
         out["peak_memory_mb"] = peak_memory_mb()
         out["epoch"] = float(state.epoch)
         self._last_step = engine.global_steps
-        self.sums, self.tokens, self.last = {}, 0, time.perf_counter()
+        self.sums, self.tokens, self.phases, self.last = {}, 0, {}, time.perf_counter()
         return out

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.batching import collate_pairs, pack_sequences, rows_from_columns
 from pipeline.config import RunConfig
-from pipeline.train.step import StepModels, reference_outputs
+from pipeline.train.step import StepModels, reference_outputs, step_autocast
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "ref-logps-v1"
@@ -35,9 +35,11 @@ class RefLogpsUDF:
         model = build_model(cfg.model, len(self.tok), name=ref_name, seed=cfg.seed).eval()
         self.models = StepModels(policy=model, reference=model)
         self.pad = self.tok.pad_token_id
+        self.train = cfg.train
 
     def _side(self, packed: dict[str, torch.Tensor], lengths: list[int]) -> list[np.ndarray]:
-        logps, _ = reference_outputs(self.models, packed, need_logits=False)
+        with step_autocast(self.train, "cpu"):  # as the training step computes the policy's log-probs
+            logps, _ = reference_outputs(self.models, packed, need_logits=False)
         mask = packed["response_mask"]
         return [logps[i][mask[i]].numpy().astype(np.float32) for i in range(len(lengths))]
 
@@ -66,6 +68,7 @@ def precompute_reference(cfg: RunConfig, src: str | Path, ref_name: str, cache_r
         "data": folder_fingerprint(src, (".parquet",)),
         "reference": model_fingerprint(ref_name, cfg.model, cfg.seed),
         "code": CODE_VERSION,
+        "autocast": cfg.train.autocast,
     })  # fmt: skip
     out = Path(cache_root) / f"ref-{key}"
     done = out / "_DONE.json"

@@ -40,6 +40,13 @@ class StepModels:
     shared_attribution: bool = True
 
 
+def step_autocast(train, device_type: str):
+    """``train.autocast=bf16``: forwards under torch.autocast (bfloat16 matmuls, float32 weights); every
+    forward whose log-probs meet in one loss runs under it (the training step and the reference precompute), so
+    a policy equal to its reference gives log-ratios of exactly 0."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.autocast == "bf16")
+
+
 def _logits(model: nn.Module, pack: dict[str, torch.Tensor]) -> torch.Tensor:
     return call_model(model, model.get_input_embeddings()(pack["input_ids"]), pack["attention_mask"])
 

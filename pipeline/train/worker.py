@@ -32,7 +32,7 @@ from pipeline.train import state as ckpt
 from pipeline.train.engine import export_model, init_engine, wrap_reference
 from pipeline.train.engine import step as optimizer_step
 from pipeline.train.metrics import MetricWindow, peak_memory_mb
-from pipeline.train.step import StepModels, eval_step, preference_step, sft_step
+from pipeline.train.step import StepModels, eval_step, preference_step, sft_step, step_autocast
 from tidpo import metric_sums
 
 log = logging.getLogger(__name__)
@@ -165,11 +165,6 @@ def _step_anchors(cfg: RunConfig, plan, table, engine):
     return StepAnchors(cfg, plan, table, engine.module, start_step=engine.global_steps)
 
 
-def autocast(train, device: torch.device):
-    """``train.autocast=bf16``: the step's forwards under torch.autocast (bfloat16 matmuls, float32 weights)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.autocast == "bf16")
-
-
 def _micro_step(cfg: RunConfig, plan, engine, models, batch, generator, tok):
     if plan.mode == "sft":
         loss, per_example = sft_step(models, batch)
@@ -250,8 +245,9 @@ def train_loop(config: dict[str, Any]) -> None:
     while engine.global_steps < plan.max_steps:
         for index, batch in _batches(table, plan, cfg, state.epoch, state.batch_in_epoch, device, tok.pad_token_id):
             tracker.record_rows(state.epoch, index, batch["rows"])
-            _attach_anchors(cfg, plan, engine, models, batch, tok, feed, tracker, state.epoch, index)
-            with autocast(cfg.train, device):
+            with window.timed("anchors"):
+                _attach_anchors(cfg, plan, engine, models, batch, tok, feed, tracker, state.epoch, index)
+            with window.timed("forward"), step_autocast(cfg.train, device.type):
                 loss, sums = _micro_step(cfg, plan, engine, models, batch, generator, tok)
             state.batch_in_epoch = index + 1
             if _any_nonfinite(loss):
@@ -261,8 +257,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 continue
             window.add(sums, num_tokens=int(batch["pair"]["attention_mask"].sum()))
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            grad_norm = optimizer_step(engine)
+            with window.timed("backward"):
+                engine.backward(loss)
+            with window.timed("optimizer"):
+                grad_norm = optimizer_step(engine)
             if not boundary:
                 continue
             step = engine.global_steps

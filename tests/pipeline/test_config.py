@@ -228,3 +228,11 @@ def test_cli_shows_hostile_files_as_one_line(capsys, tmp_path):
     assert main(["config", "show", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not UTF-8" in err
+
+
+def test_autocast_and_bf16_weights_are_exclusive():
+    from pipeline.config import ConfigError, TrainConfig
+
+    assert TrainConfig(autocast="bf16").autocast == "bf16"
+    with pytest.raises(ConfigError, match="exclusive"):
+        TrainConfig(autocast="bf16", bf16=True, use_gpu=True)

@@ -63,6 +63,9 @@ def test_dpo_two_workers_zero2_learns_and_exports(prepared):
     assert summary["final"]["eval/rewards/accuracies"] > 0.6
     for key in ("rewards/margins", "logps/chosen", "grad_norm", "learning_rate", "tokens_per_s", "peak_memory_mb"):
         assert key in steps[-1], key
+    for r in steps:  # the step's phases are parts of it: each >= 0, together no longer than the step
+        phases = [r[f"time/{p}_s"] for p in ("anchors", "forward", "backward", "optimizer")]
+        assert min(phases) >= 0 and r["time/forward_s"] > 0 and sum(phases) <= r["step_time_s"] * 1.001, r
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
