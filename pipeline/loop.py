@@ -7,6 +7,8 @@ prepared data and SFT model, each under ``<output_dir>/compare/<name>/``, and wr
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -99,7 +101,8 @@ def run_rounds(
     rows = [start if start is not None else evaluate_start(cfg, start_model)]
     for k in range(1, cfg.loop.rounds + 1):
         p = plan(cfg, "round", round_idx=k)
-        summary = run_training(cfg, build_job(cfg, p, force=force), force=force)
+        job = dataclasses.replace(build_job(cfg, p, force=force), final_eval=False)  # evaluate() below measures it
+        summary = run_training(cfg, job, force=force)
         _link(p.model_dir, out / "model")
         metrics = evaluate(cfg, model_path=str(p.model_dir), round_idx=k)
         rows.append(

@@ -31,6 +31,9 @@ class TrainJob:
     plan: StagePlan
     train_path: Path
     eval_path: Path | None
+    # the worker's held-out pass after the last step (summary["final"], what Tune reports); the loop turns it off,
+    # since its evaluate() of the exported model right after computes the same preference metrics and more
+    final_eval: bool = True
 
     @property
     def stage_dir(self) -> Path:
@@ -47,6 +50,7 @@ class WorkerJob:
 
     plan: StagePlan
     has_eval: bool
+    final_eval: bool
     mlflow: dict[str, str] | None
     summary_path: Path
 
@@ -159,7 +163,11 @@ def run_training(
     datasets = _datasets(job)
     mlflow_info = _mlflow_run(cfg, job, mlflow_parent_id)
     worker_job = WorkerJob(
-        plan=plan, has_eval="eval" in datasets, mlflow=mlflow_info, summary_path=job.stage_dir / "worker_summary.json"
+        plan=plan,
+        has_eval="eval" in datasets,
+        final_eval=job.final_eval,
+        mlflow=mlflow_info,
+        summary_path=job.stage_dir / "worker_summary.json",
     )
     trainer = TorchTrainer(
         train_loop,

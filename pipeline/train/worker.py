@@ -280,7 +280,7 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
     if feed is not None:
         feed.close()
-    final = run_eval(cfg, plan, models, eval_shard, device, tok.pad_token_id)
+    final = run_eval(cfg, plan, models, eval_shard, device, tok.pad_token_id) if job.final_eval else {}
     export_model(
         engine, tok, str(plan.model_dir), rank=rank, zero_stage=cfg.train.zero_stage, merge_lora=cfg.model.merge_lora
     )
