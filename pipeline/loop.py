@@ -8,7 +8,6 @@ prepared data and SFT model, each under ``<output_dir>/compare/<name>/``, and wr
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import os
