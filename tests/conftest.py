@@ -29,6 +29,13 @@ def _shared_data_dir() -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The two-node module first: its cluster and job then run before the session's shared Ray exists (in the
+    full suite its setup took 292 s against 140 s alone, CI run of 2026-12-02)."""
+    first = [item for item in items if item.path.name == "test_two_node.py"]
+    items[:] = first + [item for item in items if item.path.name != "test_two_node.py"]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real outside data); tests using it skip with a reason where it is absent."""

@@ -3,8 +3,10 @@
 ``ray start --head`` (custom resource ``node_a``) and ``ray start --address`` (``node_b``), both on 127.0.0.1,
 each with its own temp dir and its own ports (the session's shared Ray, ``tests/conftest.py``, holds the default
 agent ports), started once for the module and stopped by process group with nothing left behind. One tiny
-``tidpo run`` is submitted through the Job API (``ray job submit``); node b is killed mid-training and started
-again. The test reads where things ran from the workers' registry and from Ray's state API.
+``tidpo run`` is submitted through the Job API with the checkout uploaded as its working_dir (``ray job submit
+--working-dir .``); node b is killed mid-training and started again. The test reads where things ran from the
+workers' registry and from Ray's state API. The module runs first in a session (tests/conftest.py): its job
+then has the machine to itself, before the shared cluster and what earlier tests leave behind exist.
 """
 
 from __future__ import annotations
@@ -196,7 +198,11 @@ def _submit(cluster: TwoNodes, entrypoint: str) -> tuple[object, str]:
     env = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     while True:
         try:
-            return client, client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+            return client, client.submit_job(entrypoint=entrypoint, runtime_env={
+                "working_dir": str(ROOT),  # `ray job submit --working-dir .`: the checkout is uploaded
+                "excludes": ["outputs/", ".git/", "*.parquet", "mlruns/"],
+                "env_vars": env,
+            })  # fmt: skip
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.time() > deadline:
                 raise
@@ -256,7 +262,7 @@ def lost_node_run(two_nodes, tmp_path_factory) -> LostNodeRun:
     args += ["eval.num_prompts=2", "eval.benchmarks=[preference]", "eval.heatmap_pairs=1", "eval.weight_diag_pairs=4"]
     start = time.time()
     command = shlex.join([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml", *args])
-    client, job = _submit(two_nodes, f"cd {shlex.quote(str(ROOT))} && {command}")
+    client, job = _submit(two_nodes, command)  # runs in the uploaded working_dir
     registered, deadline = None, start + 900
 
     def running() -> bool:
@@ -276,7 +282,9 @@ def lost_node_run(two_nodes, tmp_path_factory) -> LostNodeRun:
         if recovered_at is None and len(_steps(stage)) > steps_before:
             recovered_at = time.time()
         time.sleep(0.5)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-6000:]
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-6000:]
+    assert "joined Ray cluster" in logs  # the submitted-to cluster, not a Ray of its own
     recovery = None if recovered_at is None else round(recovered_at - killed_at, 1)
     run = LostNodeRun(out, store, registered, before_kill, steps_before, recovery, round(time.time() - start, 1))
     (base / "figures.json").write_text(json.dumps({"recovery_s": run.recovery_s, "job_s": run.seconds}))
@@ -317,6 +325,7 @@ def test_checkpoints_in_storage_path_and_the_loop_finished(lost_node_run: LostNo
     assert any(ray_run.glob("checkpoint_*")) and not (stage / "ray").exists()
     loop = json.loads((run.out / "summary.json").read_text())
     assert loop["ray"] == "cluster" and [r["round"] for r in loop["rounds"]] == [0, 1]
+    assert (stage / "model" / "config.json").exists() and (run.out / "eval" / "report.html").exists()
 
 
 def test_generation_on_the_configured_node_and_reads_on_both(two_nodes, lost_node_run: LostNodeRun) -> None:
