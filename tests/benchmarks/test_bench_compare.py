@@ -73,6 +73,7 @@ def test_compare_two_variants_on_the_tiny_loop(ray_cluster, tmp_path):
     for name, weighting in (("dpo", "uniform"), ("paper", "attribution")):
         summary = json.loads((work / "compare" / name / "rounds" / "round-1" / "summary.json").read_text())
         assert summary["config"]["loss"]["weighting"] == weighting and summary["steps"] == 2
+        assert summary["final"] == {}  # no held-out pass in the worker: the loop's evaluate() measures the round
         assert (work / "compare" / name / "data").resolve() == (work / "data").resolve()  # the same prepared data
     assert (work / "eval" / "round-0").is_dir()  # the start, evaluated once for all variants
     assert not (work / "compare" / "dpo" / "eval" / "round-0").exists()

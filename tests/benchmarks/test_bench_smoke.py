@@ -43,3 +43,17 @@ def test_bench_token_logps_smoke(tmp_path: Path) -> None:
     assert {r["impl"] for r in data["results"]} == {"chunked", "naive"}
     assert {"extra_peak_mib", "median_cpu_s"} <= data["results"][0].keys()
     assert data["max_abs_diff_chunked_vs_naive"] < 1e-3
+
+
+def test_bench_autocast_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    out = tmp_path / "autocast.json"
+    _load("bench_autocast").main(["--model", "tiny", "--pairs", "2", "--repeats", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["step_seconds"]) == {"fp32", "bf16"} and all(len(v) == 2 for v in data["step_seconds"].values())
+    # speedup = fp32 / bf16 per repeat (from the unrounded times; the recorded ones are rounded to 1 ms)
+    ratios = [f / b for f, b in zip(data["step_seconds"]["fp32"], data["step_seconds"]["bf16"])]
+    assert data["speedup_range"] == [pytest.approx(min(ratios), rel=0.03), pytest.approx(max(ratios), rel=0.03)]
+    gap = data["accuracy"]["token_logp_abs_gap"]
+    assert 0 < gap["mean"] <= gap["max"] < 0.5  # bf16 rounding: nonzero, small
+    assert "cpu_bf16_flags" in data["machine"]
