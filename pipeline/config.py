@@ -153,31 +153,24 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    # Ray Train's placement group strategy for the workers (ScalingConfig.placement_strategy): PACK (as few
-    # nodes as fit), SPREAD (as many nodes as possible), STRICT_PACK (one node or wait), STRICT_SPREAD (one
-    # worker per node or wait).
+    # ScalingConfig.placement_strategy: PACK, SPREAD, STRICT_PACK (one node), STRICT_SPREAD (a worker per node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Extra Ray resources per worker merged into CPU/GPU, e.g. {"train_node": 0.01} or {"accelerator_type:H100":
     # 0.001}: workers only start on nodes that advertise them.
     resources_per_worker: dict[str, float] = field(default_factory=dict)
-    # A node holding workers dies: Ray Train restarts the group from the last checkpoint (one of max_failures).
-    # wait: all num_workers again, the controller retrying every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s)
-    # until the cluster can place them (a node back, or others free). continue (a smaller group on the nodes
-    # left) is refused: it would change the global batch and the ZeRO partitions of the checkpoint.
+    # A node holding workers dies: the group restarts from the last checkpoint (one of max_failures). wait: all
+    # num_workers again once the cluster can place them (retried every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S);
+    # continue (a smaller group) is refused: it would change the global batch and the checkpoint's ZeRO partitions.
     on_node_loss: Literal["wait", "continue"] = "wait"
-    # Ray Train checkpoints: "" keeps them in <stage_dir>/ray (output_dir on a filesystem every node mounts),
-    # else an absolute path on such a filesystem or a URI (s3://bucket/runs, file:///nfs/ckpt); a stage writes
-    # to <storage_path>/<its path under output_dir>. Metrics and the exported model stay in output_dir.
+    # Ray Train checkpoints: "" = <stage_dir>/ray (output_dir on a filesystem every node mounts), else a shared
+    # absolute path or URI (s3://bucket/runs, file:///nfs/ckpt) + the stage's path; metrics and model stay put.
     storage_path: str = ""
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_param: bool = False
     bf16: bool = False
-    # bf16: the training forwards (policy, reference, attribution, anchors) run under torch.autocast in
-    # bfloat16 with float32 weights, gradients and optimizer state (what accelerate's mixed_precision=bf16 does
-    # on CPU); log-probs are taken in float32 (tidpo.logps). On CPUs with AMX / AVX512-BF16 it is about 1.7x
-    # faster per step (benchmarks/bench_autocast.py). Held-out evaluation stays float32. train.bf16 is the
-    # other kind (DeepSpeed bf16 weights, GPU only); the two are not combined.
+    # bf16: training forwards (and the reference precompute) under torch.autocast, float32 weights and optimizer
+    # (benchmarks/bench_autocast.py); evaluation stays float32. train.bf16 (DeepSpeed bf16 weights) excludes it.
     autocast: Literal["none", "bf16"] = "none"
     micro_batch_size: int = 8
     grad_accum: int = 1
@@ -188,16 +181,14 @@ class TrainConfig:
     max_steps: int = 60
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    # shared: one forward, attribution by autograd.grad(retain_graph) then the loss backward on the same graph;
-    # separate: an attribution-only pass first (ZeRO-3 re-partitions parameters after a backward, so the shared
-    # graph cannot be reused there); auto: shared, except separate under ZeRO-3.
+    # shared: one forward, attribution by autograd.grad(retain_graph), then the loss backward on that graph;
+    # separate: an attribution-only pass first (needed under ZeRO-3, which re-partitions after a backward); auto.
     attribution_pass: Literal["auto", "shared", "separate"] = "auto"
     anchors: Literal["column", "online", "none"] = "column"
     log_every: int = 1
-    # Logged steps always go to metrics.jsonl and MLflow. ray.train.report also gets them, at most once per
-    # report_interval_s (eval and checkpoint steps always): Ray Train's controller takes one report per worker
-    # per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) into a queue of one, so reporting faster stalls training
-    # (measured: 0.1 s steps became 2.0 s). 0 reports every logged step.
+    # Logged steps always reach metrics.jsonl and MLflow; ray.train.report at most once per report_interval_s (eval
+    # and checkpoint steps always): the controller polls one report per worker every 2 s into a queue of one, so
+    # reporting faster stalls training (measured: 0.1 s steps became 2.0 s). 0 reports every logged step.
     report_interval_s: float = 2.0
     eval_every: int = 0
     save_every: int = 20
