@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.benchmarks import redteam, sandbox
+from evaluation.benchmarks import redteam, redteam_attacks, sandbox
 from evaluation.benchmarks.sandbox import (
     SandboxLimits,
     SandboxUnavailable,
@@ -164,7 +164,7 @@ def test_opening_a_socket_reaches_nothing(guard):
     try:
         template = "import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n"
         result = run_program(template.format(port=bait.port), FAST, guard=guard)
-        assert result.status == "failed" and redteam.no_connection(result, bait) is None
+        assert result.status == "failed" and redteam_attacks.no_connection(result, bait) is None
     finally:
         bait.close()
 
