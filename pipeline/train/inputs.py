@@ -26,10 +26,12 @@ def build_job(cfg: RunConfig, p: StagePlan, *, force: bool = False) -> TrainJob:
         generate_anchors(cfg, round_idx=p.round_idx, model_path=p.anchors.generate_from, force=force)
         train_path = p.anchors.folder
     if p.reference.precompute:
-        from pipeline.train.reference import precompute_reference
+        from pipeline.train.reference import precompute_reference_splits
 
-        train_path = precompute_reference(cfg, train_path, p.reference.model, p.layout.cache)
-        eval_path = precompute_reference(cfg, eval_path, p.reference.model, p.layout.cache)
+        refs = precompute_reference_splits(
+            cfg, {"train": train_path, "eval": eval_path}, p.reference.model, p.layout.cache
+        )
+        train_path, eval_path = refs["train"], refs["eval"]
     log.info("train inputs: data %s; %s", train_path, describe(p))
     return TrainJob(plan=p, train_path=Path(train_path), eval_path=Path(eval_path))
 

@@ -58,10 +58,7 @@ class RefLogpsUDF:
         return batch
 
 
-def precompute_reference(cfg: RunConfig, src: str | Path, ref_name: str, cache_root: str | Path) -> Path:
-    """Parquet folder ``src`` + reference columns -> cached folder (computed once per (data, model) key)."""
-    import ray
-
+def _cache_dir(cfg: RunConfig, src: str | Path, ref_name: str, cache_root: str | Path) -> Path:
     from pipeline.fingerprint import digest, folder_fingerprint, model_fingerprint
 
     key = digest({
@@ -70,13 +67,54 @@ def precompute_reference(cfg: RunConfig, src: str | Path, ref_name: str, cache_r
         "code": CODE_VERSION,
         "autocast": cfg.train.autocast,
     })  # fmt: skip
-    out = Path(cache_root) / f"ref-{key}"
-    done = out / "_DONE.json"
-    if done.exists():
-        log.info("reference log-probs: cache hit %s", out)
-        return out
-    ds = ray.data.read_parquet(str(src))
-    n_in = ds.count()
+    return Path(cache_root) / f"ref-{key}"
+
+
+SPLIT_COLUMN = "_ref_split"
+
+
+def precompute_reference_splits(
+    cfg: RunConfig, splits: dict[str, str | Path], ref_name: str, cache_root: str | Path
+) -> dict[str, Path]:
+    """Each Parquet folder of ``splits`` (name -> folder) + reference columns -> its cached folder, keyed per
+    folder. The folders still to compute go through ONE Ray Data pass (one actor pool loads the reference
+    once; a pool costs a process start and a model load, ~20 s of a tiny run) when they have the same
+    columns; folders with other columns (anchors on the train split only) get a pass each."""
+    import ray
+
+    outs = {name: _cache_dir(cfg, src, ref_name, cache_root) for name, src in splits.items()}
+    todo = {}
+    for name, src in splits.items():
+        if (outs[name] / "_DONE.json").exists():
+            log.info("reference log-probs: cache hit %s", outs[name])
+        elif outs[name] not in [outs[n] for n in todo]:  # two names, the same data: computed once
+            todo[name] = ray.data.read_parquet(str(src))
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, ds in todo.items():
+        groups.setdefault(tuple(sorted(ds.schema().names)), []).append(name)
+    for names in groups.values():
+        _compute(cfg, {n: todo[n] for n in names}, {n: splits[n] for n in names}, {n: outs[n] for n in names},
+                 ref_name)  # fmt: skip
+    for name in splits:
+        if not (outs[name] / "_DONE.json").exists():
+            raise RuntimeError(f"reference precompute left no {outs[name]} for {splits[name]}")
+    return outs
+
+
+def _compute(cfg: RunConfig, datasets: dict, srcs: dict, outs: dict[str, Path], ref_name: str) -> None:
+    import os
+    import shutil
+
+    import pyarrow as pa
+    import ray
+
+    counts = {name: ds.count() for name, ds in datasets.items()}
+
+    def tagged(name):
+        return lambda t: t.append_column(SPLIT_COLUMN, pa.array([name] * t.num_rows, pa.string()))
+
+    parts = [ds.map_batches(tagged(name), batch_format="pyarrow") for name, ds in datasets.items()]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         RefLogpsUDF,
         fn_constructor_args=(cfg, ref_name),
@@ -85,19 +123,22 @@ def precompute_reference(cfg: RunConfig, src: str | Path, ref_name: str, cache_r
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
     )
-    import os
-    import shutil
-
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # concurrent Tune trials may compute the same key
+    # concurrent Tune trials may compute the same key: each writes its own tmp folder, the first rename wins
+    tmp = next(iter(outs.values())).with_name(f"ref-tmp-{os.getpid()}-{'-'.join(sorted(outs))}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp))
-    n_out = ray.data.read_parquet(str(tmp)).count()
-    if n_out != n_in:
-        raise RuntimeError(f"reference precompute wrote {n_out} rows for {n_in} inputs of {src}")
-    if out.exists():  # another process finished the same key first: identical content, keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    done.write_text(json.dumps({"rows": n_in, "src": str(src), "reference": ref_name}))
-    log.info("reference log-probs: computed %d rows into %s", n_in, out)
-    return out
+    ds.write_parquet(str(tmp), partition_cols=[SPLIT_COLUMN])
+    for name, out in outs.items():
+        part = tmp / f"{SPLIT_COLUMN}={name}"
+        if counts[name] == 0:
+            raise ValueError(f"{srcs[name]} has no rows: no reference log-probs to compute")
+        n_out = ray.data.read_parquet(str(part)).count() if part.exists() else 0
+        if n_out != counts[name]:
+            raise RuntimeError(f"reference precompute wrote {n_out} rows for {counts[name]} inputs of {srcs[name]}")
+        if out.exists():  # another process finished the same key first: identical content, keep theirs
+            shutil.rmtree(part, ignore_errors=True)
+        else:
+            part.rename(out)
+        done = {"rows": counts[name], "src": str(srcs[name]), "reference": ref_name}
+        (out / "_DONE.json").write_text(json.dumps(done))
+        log.info("reference log-probs: computed %d rows into %s", counts[name], out)
+    shutil.rmtree(tmp, ignore_errors=True)

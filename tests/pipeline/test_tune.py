@@ -97,74 +97,6 @@ def _mlflow_children(out: Path, parent: str):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_small_search_end_to_end(ray_cluster, tmp_path):
-    """2 trials x 6 steps on 1 worker, one per preset (a grid over loss.preset): outputs, best.yaml, MLflow
-    parent + 2 children, reference computed once, and each trial's resolved loss is its preset's (with the
-    sampled and the base's explicit keys on top), not the base's loss relabelled."""
-    from pipeline.tune import main
-
-    out = tmp_path / "out"
-    overrides = [
-        f"output_dir={out}",
-        "data.synthetic_num_pairs=160",
-        "data.eval_size=16",
-        "loss.gamma=0",
-        "train.num_workers=1",
-        "train.max_steps=6",
-        "train.save_every=0",
-        "train.warmup_steps=1",
-        "tune.num_samples=1",
-        "tune.scheduler=fifo",
-        "tune.eval_every=3",
-        "tune.space={loss.lam: {uniform: [0, 1]}, loss.sigma_div: {choice: [2, 8]}, loss.preset: {grid: [dpo, paper]}}",
-    ]
-    cfg = load_config(None, overrides)
-    args = SimpleNamespace(resume=False, force=False)
-    summary = main(cfg, args)
-    tune_dir = out / "tune"
-    rows = list(csv.DictReader((tune_dir / "results.csv").open()))
-    assert len(rows) == 2 and summary["num_trials"] == 2
-    assert [r["status"] for r in rows] == ["completed", "completed"]
-    assert [int(r["step"]) for r in rows] == [6, 6]
-    metric = cfg.tune.metric
-    values = [float(r[metric]) for r in rows]
-    assert all(0.0 <= v <= 1.0 for v in values)
-    best = max(rows, key=lambda r: float(r[metric]))
-    assert summary["best"]["trial_id"] == best["trial_id"]
-    assert math.isclose(summary["best"][metric], max(values))
-    best_cfg = load_config(tune_dir / "best.yaml")
-    sampled = {"loss.lam": float(best["loss.lam"]), "loss.sigma_div": int(best["loss.sigma_div"])}
-    assert best_cfg == trial_config(
-        load_config(None, [*overrides, "train.eval_every=3"]), {**sampled, "loss.preset": best["loss.preset"]}
-    )
-    assert sorted(r["loss.preset"] for r in rows) == ["dpo", "paper"]
-    for r in rows:
-        trial = from_dict(json.loads((tune_dir / "trials" / r["trial_id"] / "summary.json").read_text())["config"])
-        lam, sigma_div = float(r["loss.lam"]), int(r["loss.sigma_div"])
-        assert trial.loss == LossConfig.from_preset(r["loss.preset"], gamma=0.0, lam=lam, sigma_div=sigma_div)
-    weightings = {r["loss.preset"]: from_dict(json.loads((tune_dir / "trials" / r["trial_id"] / "summary.json")
-                  .read_text())["config"]).loss.weighting for r in rows}  # fmt: skip
-    assert weightings == {"dpo": "uniform", "paper": "attribution"}
-    assert (tune_dir / "metric_vs_lambda_sigma.png").stat().st_size > 10_000
-    # MLflow: one parent, one FINISHED child per trial, each with per-step and final metrics.
-    children = _mlflow_children(out, summary["mlflow_parent_run_id"])
-    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
-    assert all(metric in c.data.metrics and "loss" in c.data.metrics for c in children)
-    # The reference log-probs were computed once (train + eval split) before the trials, never per trial.
-    refs = sorted(p.name for p in (out / "cache").glob("ref-*"))
-    assert len(refs) == 2 and refs == sorted(summary["shared_inputs"]["reference"])
-    first_trial = min((tune_dir / "trials" / r["trial_id"] / "summary.json").stat().st_mtime for r in rows)
-    done_times = [(out / "cache" / r / "_DONE.json").stat().st_mtime for r in refs]
-    assert done_times == [summary["shared_inputs"]["reference"][r] for r in refs]
-    assert max(done_times) < first_trial
-    # A second call with the same settings is a cache hit; other settings need --force.
-    assert main(cfg, args) == json.loads((tune_dir / "summary.json").read_text())
-    with pytest.raises(ConfigError, match="other settings"):
-        main(load_config(None, [*overrides, "tune.seed=1"]), args)
-
-
 def _wait_for(predicate, proc, timeout_s: float, what: str) -> None:
     import time
 
@@ -177,9 +109,12 @@ def _wait_for(predicate, proc, timeout_s: float, what: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    """Kill the driver (a subprocess on the session's Ray) once trial 1 finished and trial 2 trains; --resume
-    completes trial 2 and leaves trial 1's training untouched."""
+def test_killed_search_resumes_and_finishes_end_to_end(ray_cluster, tmp_path):
+    """A grid of 2 trials (loss.preset dpo, paper; lam and sigma_div sampled) x 6 steps on 1 worker. The driver
+    (a subprocess on the session's Ray) is SIGKILLed once trial 1 finished and trial 2 trains; --resume
+    completes trial 2 and leaves trial 1's training untouched. Then the finished search: results.csv,
+    best.yaml, MLflow parent + children, the reference computed once before any trial, each trial's resolved
+    loss its preset's (with the sampled and the base's explicit keys on top), and a rerun is a cache hit."""
     import os
     import signal
     import subprocess
@@ -196,14 +131,17 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, tm
         "train.num_workers=1",
         "train.max_steps=6",
         "train.save_every=0",
-        "tune.num_samples=2",
+        "train.warmup_steps=1",
+        "tune.num_samples=1",
         "tune.scheduler=fifo",
         "tune.eval_every=3",
+        "tune.space={loss.lam: {uniform: [0, 1]}, loss.sigma_div: {choice: [2, 8]}, loss.preset: {grid: [dpo, paper]}}",
         # explicit: the subprocess inherits os.environ, where an earlier test's mlflow.set_tracking_uri may have
         # left MLFLOW_TRACKING_URI pointing at another store
         f"tracking.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}",
     ]
-    trials = out / "tune" / "trials"
+    tune_dir = out / "tune"
+    trials = tune_dir / "trials"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     log = (tmp_path / "driver.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *overrides], env=env, stdout=log, stderr=log)
@@ -222,11 +160,50 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, tm
         proc.wait()
     (first,) = trials.glob("*/summary.json")
     first_mtime = first.stat().st_mtime
-    assert json.loads((out / "tune" / "state.json").read_text())["status"] == "running"
-    summary = main(load_config(None, overrides), SimpleNamespace(resume=True, force=False))
+    assert json.loads((tune_dir / "state.json").read_text())["status"] == "running"
+    cfg = load_config(None, overrides)
+    args = SimpleNamespace(resume=True, force=False)
+    summary = main(cfg, args)
     assert summary["resumed"] is True and summary["trials"]["completed"] == 2
     assert first.stat().st_mtime == first_mtime  # trial 1 was not trained again
-    rows = list(csv.DictReader((out / "tune" / "results.csv").open()))
+    rows = list(csv.DictReader((tune_dir / "results.csv").open()))
+    assert len(rows) == 2 and summary["num_trials"] == 2
     assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert [int(r["step"]) for r in rows] == [6, 6]
     statuses = sorted(c.info.status for c in _mlflow_children(out, summary["mlflow_parent_run_id"]))
     assert statuses.count("FINISHED") == 2 and len(statuses) <= 3  # + the interrupted trial-2 run, KILLED
+    children = [c for c in _mlflow_children(out, summary["mlflow_parent_run_id"]) if c.info.status == "FINISHED"]
+    metric = cfg.tune.metric
+    assert all(metric in c.data.metrics and "loss" in c.data.metrics for c in children)
+    values = [float(r[metric]) for r in rows]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    best = max(rows, key=lambda r: float(r[metric]))
+    assert summary["best"]["trial_id"] == best["trial_id"]
+    assert math.isclose(summary["best"][metric], max(values))
+    best_cfg = load_config(tune_dir / "best.yaml")
+    sampled = {"loss.lam": float(best["loss.lam"]), "loss.sigma_div": int(best["loss.sigma_div"])}
+    assert best_cfg == trial_config(
+        load_config(None, [*overrides, "train.eval_every=3"]), {**sampled, "loss.preset": best["loss.preset"]}
+    )
+    assert sorted(r["loss.preset"] for r in rows) == ["dpo", "paper"]
+    weightings = {}
+    for r in rows:
+        trial = from_dict(json.loads((trials / r["trial_id"] / "summary.json").read_text())["config"])
+        lam, sigma_div = float(r["loss.lam"]), int(r["loss.sigma_div"])
+        assert trial.loss == LossConfig.from_preset(r["loss.preset"], gamma=0.0, lam=lam, sigma_div=sigma_div)
+        weightings[r["loss.preset"]] = trial.loss.weighting
+    assert weightings == {"dpo": "uniform", "paper": "attribution"}
+    assert (tune_dir / "metric_vs_lambda_sigma.png").stat().st_size > 10_000
+    # The reference log-probs were computed once (train + eval split) before the trials, never per trial, and
+    # the resumed search reused them.
+    refs = sorted(p.name for p in (out / "cache").glob("ref-*"))
+    assert len(refs) == 2 and refs == sorted(summary["shared_inputs"]["reference"])
+    first_trial = min((trials / r["trial_id"] / "summary.json").stat().st_mtime for r in rows)
+    done_times = [(out / "cache" / r / "_DONE.json").stat().st_mtime for r in refs]
+    assert done_times == [summary["shared_inputs"]["reference"][r] for r in refs]
+    assert max(done_times) < first_trial
+    # A second call with the same settings is a cache hit; other settings need --force.
+    again = SimpleNamespace(resume=False, force=False)
+    assert main(cfg, again) == json.loads((tune_dir / "summary.json").read_text())
+    with pytest.raises(ConfigError, match="other settings"):
+        main(load_config(None, [*overrides, "tune.seed=1"]), again)
