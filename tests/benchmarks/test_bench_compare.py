@@ -40,6 +40,7 @@ def test_aggregate_mean_std_and_table_by_hand():
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.deepspeed
+@pytest.mark.expensive  # two full `tidpo run` loops (~200 s on CI); the loop itself runs in test_two_node.py
 def test_compare_two_variants_on_the_tiny_loop(ray_cluster, tmp_path):
     """dpo and paper from the same prepared data and start model, one seed: every row has its metrics, dpo's step
     time ratio is 1 by definition, each variant trained with its own preset and the start was evaluated once."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from tests.pipeline.test_train_ray import _assert_data_order
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -154,7 +155,7 @@ def test_step_anchors_are_the_policy_after_the_previous_step(prepared):
 
 def test_killed_train_worker_resumes_with_anchors_from_restored_weights(prepared):
     """Rank 0 is SIGKILLed after a registered checkpoint: the run resumes there with a new generation pool
-    whose first weights are the restored ones, and every step run twice had the same anchors and loss.
+    whose first weights are the restored ones, and every step run twice had the same rows, anchors and loss.
     sync_every=2, max_staleness=2 (checkpoints every 4): every logged staleness is in 0..2, each micro-batch
     used the version the rule names, each sync's weights differ from the last, and a version published again
     after the restart has the very weights it had before."""
@@ -203,3 +204,6 @@ def test_killed_train_worker_resumes_with_anchors_from_restored_weights(prepared
     for sync in _jsonl(train_dir / "workers" / "anchor_syncs.jsonl"):
         assert crc.setdefault(sync["version"], sync["crc32"]) == sync["crc32"], sync  # restored = saved weights
     assert len(set(crc.values())) == len(crc)  # the weights really changed between syncs
+    # 10 steps of 16 rows span two epochs of the 104 train rows, each in its seeded order, the redone micro-batches
+    # with the very rows they had before the kill
+    _assert_data_order(prepared, train_dir, micro=8, world=2, epochs=2)
