@@ -95,9 +95,6 @@ def precompute_reference_splits(
     for names in groups.values():
         _compute(cfg, {n: todo[n] for n in names}, {n: splits[n] for n in names}, {n: outs[n] for n in names},
                  ref_name)  # fmt: skip
-    for name in splits:
-        if not (outs[name] / "_DONE.json").exists():
-            raise RuntimeError(f"reference precompute left no {outs[name]} for {splits[name]}")
     return outs
 
 
@@ -109,6 +106,9 @@ def _compute(cfg: RunConfig, datasets: dict, srcs: dict, outs: dict[str, Path], 
     import ray
 
     counts = {name: ds.count() for name, ds in datasets.items()}
+    for name, n in counts.items():
+        if n == 0:
+            raise ValueError(f"{srcs[name]} has no rows: no reference log-probs to compute")
 
     def tagged(name):
         return lambda t: t.append_column(SPLIT_COLUMN, pa.array([name] * t.num_rows, pa.string()))
@@ -123,14 +123,13 @@ def _compute(cfg: RunConfig, datasets: dict, srcs: dict, outs: dict[str, Path], 
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
     )
-    # concurrent Tune trials may compute the same key: each writes its own tmp folder, the first rename wins
-    tmp = next(iter(outs.values())).with_name(f"ref-tmp-{os.getpid()}-{'-'.join(sorted(outs))}")
+    # concurrent Tune trials may compute the same key: each writes its own tmp folder (hidden, outside the
+    # ref-* names of finished caches), the first rename wins
+    tmp = next(iter(outs.values())).with_name(f".ref-tmp-{os.getpid()}-{'-'.join(sorted(outs))}")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp), partition_cols=[SPLIT_COLUMN])
     for name, out in outs.items():
         part = tmp / f"{SPLIT_COLUMN}={name}"
-        if counts[name] == 0:
-            raise ValueError(f"{srcs[name]} has no rows: no reference log-probs to compute")
         n_out = ray.data.read_parquet(str(part)).count() if part.exists() else 0
         if n_out != counts[name]:
             raise RuntimeError(f"reference precompute wrote {n_out} rows for {counts[name]} inputs of {srcs[name]}")

@@ -204,6 +204,6 @@ def test_killed_train_worker_resumes_with_anchors_from_restored_weights(prepared
     for sync in _jsonl(train_dir / "workers" / "anchor_syncs.jsonl"):
         assert crc.setdefault(sync["version"], sync["crc32"]) == sync["crc32"], sync  # restored = saved weights
     assert len(set(crc.values())) == len(crc)  # the weights really changed between syncs
-    # 10 steps of 16 rows span two epochs of the 104 train rows, each in its seeded order, the redone micro-batches
+    # 10 steps of 16 rows span two epochs of the train split, each in its seeded order, the redone micro-batches
     # with the very rows they had before the kill
     _assert_data_order(prepared, train_dir, micro=8, world=2, epochs=2)

@@ -170,9 +170,10 @@ def test_killed_search_resumes_and_finishes_end_to_end(ray_cluster, tmp_path):
     assert len(rows) == 2 and summary["num_trials"] == 2
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert [int(r["step"]) for r in rows] == [6, 6]
-    statuses = sorted(c.info.status for c in _mlflow_children(out, summary["mlflow_parent_run_id"]))
+    children = _mlflow_children(out, summary["mlflow_parent_run_id"])
+    statuses = sorted(c.info.status for c in children)
     assert statuses.count("FINISHED") == 2 and len(statuses) <= 3  # + the interrupted trial-2 run, KILLED
-    children = [c for c in _mlflow_children(out, summary["mlflow_parent_run_id"]) if c.info.status == "FINISHED"]
+    children = [c for c in children if c.info.status == "FINISHED"]
     metric = cfg.tune.metric
     assert all(metric in c.data.metrics and "loss" in c.data.metrics for c in children)
     values = [float(r[metric]) for r in rows]
